@@ -1,0 +1,474 @@
+"""The time-conditional UNet of latent diffusion (ADM-style, Dhariwal & Nichol 2021, with cross-attention).
+
+Class names, constructor parameters and defaults, and state_dict keys follow the original
+`ldm.modules.diffusionmodules.openaimodel` of latent-diffusion and Stable Diffusion v1/v2, so their
+configs and checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.attention import SpatialTransformer, attention
+from ldm.modules.diffusionmodules.util import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Apply the module to x given the timestep embedding emb."""
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """A sequential container that passes the timestep embedding and context to the children that take them."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Any = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling (spatial only for 3-D), optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"Upsample expects {self.channels} channels, got {x.shape[1]}")
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """x2 downsampling by a strided 3x3 conv, or average pooling without conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None, padding: int = 1):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("Downsample without conv cannot change the number of channels")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"Downsample expects {self.channels} channels, got {x.shape[1]}")
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding (additive, or scale-shift after the norm)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *((1,) * (h.ndim - emb_out.ndim)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class QKVAttentionLegacy(nn.Module):
+    """Attention over a fused qkv tensor [N, H*3*C, T] laid out head by head (the original ADM order)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        # [B*H, C, T] -> [B*H, T, C]; one head per batch entry
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads=1)
+        return out.transpose(1, 2).reshape(bs, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """Attention over a fused qkv tensor [N, 3*H*C, T] split into q, k, v first (the new order)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        bs, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = (t.reshape(bs * self.n_heads, ch, length).transpose(1, 2) for t in qkv.chunk(3, dim=1))
+        out = attention(q, k, v, heads=1)
+        return out.transpose(1, 2).reshape(bs, -1, length)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels of a feature map (no context), with a fused qkv 1x1 conv."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_checkpoint: bool = False,
+        use_new_attention_order: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} is not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(b, c, *spatial)
+
+
+def _per_level(value: Any, levels: int, name: str) -> list:
+    """An int broadcast to one entry per resolution level, or a list checked to have one per level."""
+    if isinstance(value, int):
+        return [value] * levels
+    values = list(value)
+    if len(values) != levels:
+        raise ValueError(f"UNetModel: {name} needs one entry per level of channel_mult ({levels}), got {values}")
+    return values
+
+
+class UNetModel(nn.Module):
+    """The full UNet with timestep embedding, optional class / ADM embedding and cross-attention.
+
+    Parameters and defaults are the original's; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int | Sequence[int],
+        attention_resolutions: Sequence[int],
+        dropout: float = 0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | str | None = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int | Sequence[int] = 1,
+        context_dim: int | Sequence[int] | None = None,
+        n_embed: int | None = None,
+        legacy: bool = True,
+        disable_self_attentions: Sequence[bool] | None = None,
+        num_attention_blocks: Sequence[int] | None = None,
+        disable_middle_self_attn: bool = False,
+        use_linear_in_transformer: bool = False,
+        adm_in_channels: int | None = None,
+    ):
+        super().__init__()
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention width)")
+        if context_dim is not None and not use_spatial_transformer:
+            raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; set it to True")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("UNetModel: set either num_heads or num_head_channels")
+        if context_dim is not None and not isinstance(context_dim, int):
+            context_dim = list(context_dim)
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        levels = len(channel_mult)
+        self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
+        if disable_self_attentions is not None:
+            disable_self_attentions = _per_level(disable_self_attentions, levels, "disable_self_attentions")
+        if num_attention_blocks is not None:
+            num_attention_blocks = _per_level(num_attention_blocks, levels, "num_attention_blocks")
+            if any(a > r for a, r in zip(num_attention_blocks, self.num_res_blocks)):
+                raise ValueError(
+                    f"UNetModel: num_attention_blocks {num_attention_blocks} exceeds num_res_blocks {self.num_res_blocks}"
+                )
+        if num_classes is not None and not (isinstance(num_classes, int) or num_classes in ("continuous", "sequential")):
+            raise ValueError(f"UNetModel: num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
+        if num_classes == "sequential" and adm_in_channels is None:
+            raise ValueError("UNetModel: num_classes='sequential' needs adm_in_channels")
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.bfloat16 if use_bf16 else torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.predict_codebook_ids = n_embed is not None
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
+        )
+        if isinstance(num_classes, int):
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+        elif num_classes == "continuous":
+            self.label_emb = nn.Linear(1, time_embed_dim)
+        elif num_classes == "sequential":
+            self.label_emb = nn.Sequential(
+                nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
+            )
+
+        def res_block(ch_in: int, ch_out: int, **kw: Any) -> ResBlock:
+            return ResBlock(
+                ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
+                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
+            )
+
+        def attn_block(ch: int, level: int | None, heads_for_legacy: int) -> nn.Module:
+            # head count and width as the original derives them (including its `legacy` quirk)
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            if legacy:
+                dim_head = ch // heads if use_spatial_transformer else num_head_channels
+            if not use_spatial_transformer:
+                return AttentionBlock(
+                    ch, use_checkpoint=use_checkpoint, num_heads=heads_for_legacy if num_head_channels == -1 else heads,
+                    num_head_channels=dim_head, use_new_attention_order=use_new_attention_order,
+                )
+            middle = level is None
+            return SpatialTransformer(
+                ch, heads, dim_head,
+                depth=transformer_depth[-1] if middle else transformer_depth[level],
+                context_dim=context_dim,
+                disable_self_attn=disable_middle_self_attn if middle else bool(
+                    disable_self_attentions is not None and disable_self_attentions[level]
+                ),
+                use_linear=use_linear_in_transformer,
+                use_checkpoint=use_checkpoint,
+            )
+
+        def wants_attention(ds: int, level: int, index: int) -> bool:
+            return ds in attention_resolutions and (num_attention_blocks is None or index < num_attention_blocks[level])
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
+        )
+        self._feature_size = model_channels
+        input_block_chans = [model_channels]
+        ch = model_channels
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for nr in range(self.num_res_blocks[level]):
+                layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if wants_attention(ds, level, nr):
+                    layers.append(attn_block(ch, level, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+                input_block_chans.append(ch)
+            if level != levels - 1:
+                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(
+                    ch, conv_resample, dims=dims, out_channels=ch
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+                self._feature_size += ch
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch, ch), attn_block(ch, None, num_heads), res_block(ch, ch)
+        )
+        self._feature_size += ch
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(self.num_res_blocks[level] + 1):
+                ich = input_block_chans.pop()
+                layers = [res_block(ch + ich, model_channels * mult)]
+                ch = model_channels * mult
+                if wants_attention(ds, level, i):
+                    layers.append(attn_block(ch, level, num_heads_upsample))
+                if level and i == self.num_res_blocks[level]:
+                    layers.append(
+                        res_block(ch, ch, up=True) if resblock_updown else Upsample(
+                            ch, conv_resample, dims=dims, out_channels=ch
+                        )
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
+        )
+        if self.predict_codebook_ids:
+            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the body runs in: `use_fp16`/`use_bf16` under autocast, else the weights' dtype."""
+        weight_dtype = self.time_embed[0].weight.dtype
+        device_type = self.time_embed[0].weight.device.type
+        if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type):
+            return self.dtype
+        return weight_dtype
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        context: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        y: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Predict the model output for noisy input x at `timesteps`, with optional context and labels y."""
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "UNetModel: pass class labels y exactly when the model is class-conditional "
+                f"(num_classes={self.num_classes!r}, y {'given' if y is not None else 'missing'})"
+            )
+        if timesteps is None:
+            raise ValueError("UNetModel.forward needs timesteps")
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        dtype = self._compute_dtype()
+        t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(dtype)
+        emb = self.time_embed(t_emb)
+        if self.num_classes is not None:
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"UNetModel: {y.shape[0]} labels for a batch of {x.shape[0]}")
+            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(dtype))
+        hs = []
+        h = x.type(dtype)
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = torch.cat([h, hs.pop()], dim=1)
+            h = module(h, emb, context)
+        h = h.type(x.dtype)
+        return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)

@@ -1,0 +1,200 @@
+"""Small building blocks shared by the diffusion UNet and the diffusion process.
+
+Module path and names follow the original `ldm.modules.diffusionmodules.util`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from ldm.util import instantiate_from_config
+
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "squaredcos_cap_v2")
+
+
+def betas_for_alpha_bar(alpha_bar: Callable[[float], float], num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Discretise a continuous alpha_bar(t), t in [0, 1], into betas (Nichol & Dhariwal 2021, eq. 17)."""
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float64)
+
+
+def make_beta_schedule(
+    schedule: str,
+    n_timestep: int,
+    linear_start: float = 1e-4,
+    linear_end: float = 2e-2,
+    cosine_s: float = 8e-3,
+) -> np.ndarray:
+    """Betas of a named noise schedule, as a float64 numpy array of length n_timestep.
+
+    "linear" is linear in sqrt(beta) (the LDM/SD "scaled linear" schedule); "cosine" is
+    Nichol & Dhariwal 2021 eq. 17 with offset `cosine_s`; "squaredcos_cap_v2" is the same cosine
+    with s=0.008 sampled at interval ends, as in diffusers/sgm.
+    """
+    if schedule == "linear":
+        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64).pow(2).numpy()
+    if schedule == "cosine":
+        t = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(t / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        betas = 1 - alphas[1:] / alphas[:-1]
+        return betas.clamp(min=0, max=0.999).numpy()
+    if schedule == "sqrt_linear":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).numpy()
+    if schedule == "sqrt":
+        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).sqrt().numpy()
+    if schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2, n_timestep)
+    raise ValueError(f"schedule '{schedule}' unknown; expected one of {', '.join(BETA_SCHEDULES)}")
+
+
+def make_ddim_timesteps(
+    ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = True
+) -> np.ndarray:
+    """The DDIM sub-sequence of training timesteps ("uniform" or "quad"), shifted by one as in the original."""
+    if ddim_discr_method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        steps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif ddim_discr_method == "quad":
+        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise ValueError(f"ddim_discr_method '{ddim_discr_method}' unknown; expected 'uniform' or 'quad'")
+    # add one so that the final alpha is computed at t=1 and the first at t=T-c+1 (original behaviour)
+    return steps + 1
+
+
+def make_ddim_sampling_parameters(
+    alphacums: np.ndarray, ddim_timesteps: np.ndarray, eta: float, verbose: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """alphas, previous alphas and sigmas of a DDIM schedule (Song et al. 2021, eq. 16)."""
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
+    """Gather a[t] per batch element and reshape to broadcast against a tensor of shape x_shape."""
+    b = t.shape[0]
+    out = a.gather(-1, t)
+    return out.reshape(b, *((1,) * (len(x_shape) - 1)))
+
+
+def checkpoint(func: Callable, inputs: Sequence[Any], params: Iterable[torch.Tensor], flag: bool) -> Any:
+    """Run func(*inputs), recomputing activations in the backward pass when `flag` is set.
+
+    Uses torch's non-reentrant checkpointing, so parameters reached through closures (not only
+    `params`) receive gradients; `params` is kept for signature compatibility with the original.
+    """
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+) -> torch.Tensor:
+    """Sinusoidal timestep embeddings [cos | sin] of shape [N, dim] (Vaswani et al. 2017, sec. 3.5)."""
+    if repeat_only:
+        return timesteps[:, None].expand(-1, dim).clone()
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero the parameters of a module in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Scale the parameters of a module in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over all non-batch dimensions."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's standard normalisation layer: 32-group GroupNorm in float32."""
+    return GroupNorm32(32, channels)
+
+
+class SiLU(nn.SiLU):
+    """x * sigmoid(x) (kept as a named class for compatibility)."""
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1-D, 2-D or 3-D convolution."""
+    layers = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+    return layers[dims](*args, **kwargs)
+
+
+def linear(*args: Any, **kwargs: Any) -> nn.Linear:
+    """A linear layer."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1-D, 2-D or 3-D average pooling layer."""
+    layers = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in layers:
+        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+    return layers[dims](*args, **kwargs)
+
+
+def noise_like(shape: Sequence[int], device: torch.device | str, repeat: bool = False) -> torch.Tensor:
+    """Standard normal noise; with repeat, one draw shared across the batch."""
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+    return torch.randn(shape, device=device)
+
+
+class HybridConditioner(nn.Module):
+    """Two conditioners: one for concat conditioning, one for cross-attention."""
+
+    def __init__(self, c_concat_config: Any, c_crossattn_config: Any):
+        super().__init__()
+        self.concat_conditioner = instantiate_from_config(c_concat_config)
+        self.crossattn_conditioner = instantiate_from_config(c_crossattn_config)
+
+    def forward(self, c_concat: Any, c_crossattn: Any) -> dict[str, list[torch.Tensor]]:
+        return {
+            "c_concat": [self.concat_conditioner(c_concat)],
+            "c_crossattn": [self.crossattn_conditioner(c_crossattn)],
+        }

@@ -1,0 +1,76 @@
+"""instantiate_from_config: the original semantics and the errors users see."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import ConfigError, MissingTargetError, get_obj_from_str, instantiate_from_config
+
+
+def test_builds_target_with_params():
+    layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 5}})
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (5, 3)
+
+
+def test_params_are_optional_and_none_means_empty():
+    assert isinstance(instantiate_from_config({"target": "torch.nn.Identity"}), torch.nn.Identity)
+    assert isinstance(instantiate_from_config({"target": "torch.nn.Identity", "params": None}), torch.nn.Identity)
+
+
+@pytest.mark.parametrize("sentinel", ["__is_first_stage__", "__is_unconditional__"])
+def test_sentinels_give_none(sentinel):
+    assert instantiate_from_config(sentinel) is None
+
+
+def test_get_obj_from_str_imports_attribute():
+    assert get_obj_from_str("torch.nn.Linear") is torch.nn.Linear
+
+
+def test_missing_target_names_the_config_path_and_is_a_key_error():
+    cfg = OmegaConf.create({"model": {"params": {"unet_config": {"params": {"x": 1}}}}})
+    with pytest.raises(KeyError) as info:
+        instantiate_from_config(cfg.model.params.unet_config)
+    assert isinstance(info.value, MissingTargetError)
+    assert "Expected key `target`" in str(info.value)
+    assert "model.params.unet_config" in str(info.value)
+
+
+def test_unimportable_module_names_module_attribute_and_path():
+    cfg = OmegaConf.create({"model": {"target": "ldm.does_not_exist.Model"}})
+    with pytest.raises(ConfigError) as info:
+        instantiate_from_config(cfg.model)
+    msg = str(info.value)
+    assert "module 'ldm.does_not_exist' could not be imported" in msg
+    assert "'model'" in msg
+
+
+def test_missing_attribute_names_module_and_attribute():
+    with pytest.raises(ConfigError, match=r"config 'first_stage_config'.*module 'torch.nn' has no attribute 'Linearr'"):
+        instantiate_from_config({"target": "torch.nn.Linearr"}, path="first_stage_config")
+
+
+def test_target_without_dot_is_rejected():
+    with pytest.raises(ConfigError, match="not a dotted import path"):
+        instantiate_from_config({"target": "Linear"})
+
+
+def test_unknown_params_are_named_with_the_accepted_ones():
+    cfg = OmegaConf.create({"net": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": 2, "out_features": 2, "in_channels": 4, "zz": 1}}})
+    with pytest.raises(ConfigError) as info:
+        instantiate_from_config(cfg.net)
+    msg = str(info.value)
+    assert "config 'net'" in msg
+    assert "does not accept parameter(s) in_channels, zz" in msg
+    assert "accepted: in_features, out_features, bias, device, dtype" in msg
+
+
+def test_var_kwargs_targets_accept_anything():
+    # Encoder-style **ignore_kwargs: unknown keys pass through to the callable
+    out = instantiate_from_config({"target": "builtins.dict", "params": {"a": 1}})
+    assert out == {"a": 1}
+
+
+def test_extra_kwargs_override_params():
+    layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 5}},
+                                    out_features=7)
+    assert layer.out_features == 7
