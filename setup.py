@@ -15,6 +15,9 @@ setup(
         "safetensors",
         "pillow",
         "tqdm",
+        "lpips",
+        "transformers",
+        "tokenizers",
     ],
     extras_require={
         "test": [
