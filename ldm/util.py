@@ -135,3 +135,42 @@ def default(val: Any, d: Any) -> Any:
     if exists(val):
         return val
     return d() if callable(d) else d
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or refused; the message names the file."""
+
+
+def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "cpu") -> dict:
+    """Read a state dict from a Lightning .ckpt ("state_dict" inside), a bare torch file or .safetensors.
+
+    Pickled files are read with `torch.load(weights_only=True)`; a file that needs arbitrary code to
+    unpickle is refused unless `weights_only=False` is passed explicitly (only for trusted files).
+    """
+    import os
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(map_location))
+        except Exception as err:  # noqa: BLE001 - any parse failure is the file's fault
+            raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file ({err})") from err
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001
+        if weights_only and "weights_only" in str(err):
+            raise CheckpointError(
+                f"checkpoint '{path}' contains pickled objects that would run code when loaded; refused. "
+                "If you trust the file, load it with weights_only=False"
+            ) from err
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(err).__name__}: {err})") from err
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a state dict")
+    return dict(obj)

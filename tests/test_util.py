@@ -74,3 +74,47 @@ def test_extra_kwargs_override_params():
     layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 5}},
                                     out_features=7)
     assert layer.out_features == 7
+
+
+# ---------------------------------------------------------------- checkpoint loading
+import os  # noqa: E402
+import pickle  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+from ldm.util import CheckpointError, load_state_dict  # noqa: E402
+
+
+def test_load_state_dict_reads_lightning_bare_and_safetensors(tmp_path):
+    sd = {"a.weight": torch.randn(2, 3), "b": torch.arange(4)}
+    torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "model.ckpt")
+    torch.save(sd, tmp_path / "bare.pt")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    for name in ("model.ckpt", "bare.pt", "model.safetensors"):
+        loaded = load_state_dict(str(tmp_path / name))
+        assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_load_state_dict_refuses_code_running_pickles(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    with pytest.raises(CheckpointError, match=r"evil.ckpt' contains pickled objects .* weights_only=False"):
+        load_state_dict(str(path))
+
+
+def test_load_state_dict_names_missing_and_broken_files(tmp_path):
+    with pytest.raises(CheckpointError, match="'nope.ckpt' does not exist"):
+        load_state_dict("nope.ckpt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_state_dict(str(bad))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list, expected a state dict"):
+        load_state_dict(str(tmp_path / "list.pt"))
