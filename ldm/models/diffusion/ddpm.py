@@ -1,0 +1,486 @@
+"""Denoising diffusion LightningModules: DDPM (pixel space) and LatentDiffusion (Rombach et al. 2022).
+
+Constructor parameters, buffer and parameter names (`model.diffusion_model.*`, `model_ema.*`,
+`first_stage_model.*`, `cond_stage_model.*`, the schedule buffers) follow the original
+`ldm.models.diffusion.ddpm`, so its configs and checkpoints load unchanged. The diffusion process
+itself (schedule, eps/x0/v conversions, guidance, samplers) lives in `ldm.sampling`.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
+from ldm.sampling.parameterization import to_prediction
+from ldm.sampling.samplers import ddpm_ancestral
+from ldm.util import count_params, default, instantiate_from_config, load_state_dict
+
+logger = logging.getLogger(__name__)
+
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
+LOSS_TYPES = ("l1", "l2")
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
+    return self
+
+
+def uniform_on_device(r1: float, r2: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uniform samples in [r2, r1) on a device (original helper)."""
+    return (r1 - r2) * torch.rand(*shape, device=device) + r2
+
+
+class DDPM(pl.LightningModule):
+    """Classic DDPM with Gaussian diffusion, in image space (Ho et al. 2020)."""
+
+    def __init__(
+        self,
+        unet_config: Any,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        loss_type: str = "l2",
+        ckpt_path: str | None = None,
+        ignore_keys: list[str] | tuple[str, ...] = (),
+        load_only_unet: bool = False,
+        monitor: str | None = "val/loss",
+        use_ema: bool = True,
+        first_stage_key: str = "image",
+        image_size: int = 256,
+        channels: int = 3,
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Any = None,
+        original_elbo_weight: float = 0.0,
+        v_posterior: float = 0.0,
+        l_simple_weight: float = 1.0,
+        conditioning_key: str | None = None,
+        parameterization: str = "eps",
+        scheduler_config: Any = None,
+        use_positional_encodings: bool = False,
+        learn_logvar: bool = False,
+        logvar_init: float = 0.0,
+        make_it_fit: bool = False,
+        ucg_training: Any = None,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+    ):
+        super().__init__()
+        self.parameterization = check_parameterization(parameterization)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type '{loss_type}' unknown; expected one of {', '.join(LOSS_TYPES)}")
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        count_params(self.model, verbose=True)
+        self.use_ema = use_ema
+        if self.use_ema:
+            self.model_ema = LitEma(self.model)
+            logger.info("Keeping EMAs of %d parameters.", len(list(self.model_ema.buffers())))
+        self.use_scheduler = scheduler_config is not None
+        if self.use_scheduler:
+            self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        if monitor is not None:
+            self.monitor = monitor
+        self.make_it_fit = make_it_fit
+        self.loss_type = loss_type
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
+        self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
+        self.ucg_training = dict(ucg_training or {})
+        self.ucg_prng = np.random.RandomState()
+        if reset_ema and ckpt_path is None:
+            raise ValueError("reset_ema=True needs a ckpt_path to reset from")
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            if reset_ema:
+                logger.info("Resetting the EMA to the loaded weights.")
+                self.model_ema = LitEma(self.model)
+        if reset_num_ema_updates:
+            if not self.use_ema:
+                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
+            self.model_ema.reset_num_updates()
+
+    # ------------------------------------------------------------------ schedule
+    def register_schedule(self, given_betas: Any = None, beta_schedule: str = "linear", timesteps: int = 1000,
+                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
+        """Build the NoiseSchedule and register its tensors under the original buffer names."""
+        self.schedule = NoiseSchedule.from_config(
+            beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, v_posterior=self.v_posterior
+        )
+        self.num_timesteps = self.schedule.num_timesteps
+        self.linear_start, self.linear_end = linear_start, linear_end
+        buffers = self.schedule.buffers()
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+        betas, alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
+        # VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them
+        if self.parameterization == "eps":
+            lvlb = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - alphas_cumprod))
+        elif self.parameterization == "x0":
+            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
+        else:
+            lvlb = torch.ones_like(betas)
+        lvlb[0] = lvlb[1]
+        self.register_buffer("lvlb_weights", lvlb, persistent=False)
+        if torch.isnan(self.lvlb_weights).any():
+            raise ValueError("the noise schedule gives NaN VLB weights")
+
+    # ------------------------------------------------------------------ checkpoints and EMA
+    @contextmanager
+    def ema_scope(self, context: str | None = None):
+        """Temporarily swap the EMA weights into the model."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    logger.info("%s: restored training weights", context)
+
+    @torch.no_grad()
+    def init_from_ckpt(self, path: str, ignore_keys: Any = (), only_model: bool = False) -> tuple[list, list]:
+        """Load weights from a checkpoint, dropping keys that start with any of `ignore_keys`."""
+        sd = load_state_dict(path)
+        for key in list(sd):
+            if any(key.startswith(prefix) for prefix in ignore_keys):
+                logger.info("Deleting key %s from state_dict.", key)
+                del sd[key]
+        target = self.model if only_model else self
+        if self.make_it_fit:
+            sd = _fit_state_dict(target.state_dict(), sd)
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+        logger.info("Restored from %s with %d missing and %d unexpected keys", path, len(missing), len(unexpected))
+        if missing:
+            logger.info("Missing keys: %s", missing)
+        if unexpected:
+            logger.info("Unexpected keys: %s", unexpected)
+        return missing, unexpected
+
+    # ------------------------------------------------------------------ the process
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample from q(x_t | x_0)."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        a = self.alphas_cumprod[t].reshape(-1, *((1,) * (x_start.ndim - 1)))
+        return a.sqrt() * x_start + (1 - a).sqrt() * noise
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t].reshape(-1, *((1,) * (like.ndim - 1))).to(like.dtype)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 from x_t and eps."""
+        return to_prediction("eps", noise, x_t, self._alpha_bar(t, x_t)).x0
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x0 from x_t and v."""
+        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).x0
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps from x_t and v."""
+        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).eps
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The v target for clean x noised with `noise` at t."""
+        return training_target("v", x, noise, self._alpha_bar(t, x))
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        return self.schedule.q_posterior(x_start, x_t, t)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+        """The raw network output for x_noisy at timesteps t."""
+        return self.model(x_noisy, t)
+
+    def denoiser(self, model_fn=None, clip_denoised: bool | None = None) -> Denoiser:
+        """A Denoiser over this model's schedule and parameterization (model_fn defaults to apply_model)."""
+        fn = model_fn if model_fn is not None else (lambda x, t: self.apply_model(x, t, None))
+        return Denoiser(fn, self.schedule, self.parameterization, clip_x0=default(clip_denoised, self.clip_denoised))
+
+    def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
+        """Mean and variance of p(x_{t-1} | x_t)."""
+        x0 = self.denoiser(clip_denoised=clip_denoised)(x, t).x0
+        return self.q_posterior(x0.to(x.dtype), x, t)
+
+    @torch.no_grad()
+    def p_sample_loop(self, shape: tuple[int, ...], return_intermediates: bool = False, cond: Any = None,
+                      x_T: torch.Tensor | None = None, timesteps: int | None = None, seeds: list[int] | None = None,
+                      step_callback=None, quantize_denoised: bool = False, verbose: bool = True, **kwargs: Any):
+        """Ancestral sampling from noise (or x_T) down through `timesteps` (default: all) training steps.
+
+        Intermediate latents are kept every log_every_t steps; `seeds` gives per-sample noise
+        (batch-invariant), `step_callback(i, x, x0)` sees every step, and kwargs (mask, x0,
+        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm_ancestral`.
+        """
+        x0_fn = self.first_stage_model.quantize if quantize_denoised else None
+        denoise = self.denoiser(lambda x, t: self.apply_model(x, t, cond))
+        if x0_fn is not None:
+            denoise.x0_fn = lambda x0: x0_fn(x0)[0]
+        noise = make_noise(seeds, self.device)
+        img = noise.randn(shape) if x_T is None else x_T
+        n_steps = default(timesteps, self.num_timesteps)
+        intermediates = [img]
+        progress = tqdm(total=n_steps, desc="Sampling t", disable=not verbose)
+
+        def on_step(step: dict) -> None:
+            progress.update(1)
+            if step["t"] % self.log_every_t == 0 or step["t"] == n_steps - 1:
+                intermediates.append(step["x"])
+            if step_callback is not None:
+                step_callback(step["t"], step["x"], step["x0"])
+
+        img = ddpm_ancestral(denoise, self.schedule, img, timesteps=np.arange(n_steps)[::-1], noise=noise,
+                             callback=on_step, **kwargs)
+        progress.close()
+        return (img, intermediates) if return_intermediates else img
+
+    @torch.no_grad()
+    def sample(self, batch_size: int = 16, return_intermediates: bool = False, **kwargs: Any):
+        """Unconditional samples of the model's image size."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        return self.p_sample_loop(shape, return_intermediates=return_intermediates, **kwargs)
+
+    # ------------------------------------------------------------------ training
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        """l1 or l2 distance, averaged over everything when `mean`."""
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+            return loss.mean() if mean else loss
+        return F.mse_loss(target, pred, reduction="mean" if mean else "none")
+
+    def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 cond: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss at timesteps t: simple loss (with learned log-variance) plus weighted VLB."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = training_target(self.parameterization, x_start, noise, self._alpha_bar(t, x_start))
+        prefix = "train" if self.training else "val"
+        loss_per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, x_start.ndim)))
+        loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
+        logvar_t = self.logvar.to(self.device)[t]
+        loss = loss_per_sample / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_per_sample).mean()
+        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """Loss at uniformly drawn timesteps."""
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        return self.p_losses(x, t, *args, **kwargs)
+
+    def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        """batch[k] as a contiguous float BCHW tensor (datasets give BHWC images)."""
+        if k not in batch:
+            raise KeyError(f"batch has no key '{k}' (keys: {', '.join(map(str, batch))}); check first_stage_key / cond_stage_key")
+        x = batch[k]
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if x.ndim == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss on a batch."""
+        x = self.get_input(batch, self.first_stage_key)
+        return self(x)
+
+    def _apply_ucg_training(self, batch: dict) -> None:
+        """Replace conditioning entries by their null value with probability p (SD2's ucg_training)."""
+        for key, spec in self.ucg_training.items():
+            p, val = spec["p"], spec.get("val")
+            val = "" if val is None else val
+            for i in range(len(batch[key])):
+                if self.ucg_prng.choice(2, p=[1 - p, p]):
+                    batch[key][i] = val
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One optimisation step's loss, with the loss terms logged."""
+        self._apply_ucg_training(batch)
+        loss, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=self._bs(batch))
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        if self.use_scheduler:
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("lr_abs", lr, prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _bs(self, batch: dict) -> int:
+        return len(batch[self.first_stage_key])
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Validation loss with the training weights and with the EMA weights ('_ema' suffix)."""
+        _, loss_dict_no_ema = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
+        kw = dict(prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=self._bs(batch))
+        self.log_dict(loss_dict_no_ema, **kw)
+        self.log_dict(loss_dict_ema, **kw)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Update the EMA after each optimisation step."""
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the diffusion model (and the log-variance when learned)."""
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self):
+        """AdamW at self.learning_rate, with the configured LambdaLR stepped every step."""
+        lr = getattr(self, "learning_rate", None)
+        if lr is None:
+            raise ValueError(
+                f"{self.__class__.__name__}.learning_rate is not set: set model.base_learning_rate in the config "
+                "(main.py scales it) or assign model.learning_rate before training"
+            )
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        if not self.use_scheduler:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        logger.info("Setting up LambdaLR scheduler...")
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step",
+                                 "frequency": 1}}
+
+    # ------------------------------------------------------------------ image logging
+    @torch.no_grad()
+    def log_images(self, batch: dict, N: int = 8, n_row: int = 2, sample: bool = True,
+                   return_keys: list[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, diffusion_row (forward process), samples and denoise_row."""
+        from ldm.models.diffusion.image_logging import rows_to_grid
+
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        n_row = min(x.shape[0], n_row)
+        log = {"inputs": x}
+        log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+            log["samples"] = samples
+            log["denoise_row"] = rows_to_grid(denoise_row)
+        if return_keys:
+            return {key: log[key] for key in return_keys if key in log}
+        return log
+
+    def _diffusion_row(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x noised at every log_every_t-th timestep (same noise throughout)."""
+        noise = torch.randn_like(x)
+        row = []
+        for t in range(self.num_timesteps):
+            if t % self.log_every_t == 0 or t == self.num_timesteps - 1:
+                ts = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+                row.append(self.q_sample(x, ts, noise))
+        return row
+
+
+def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """make_it_fit: copy checkpoint tensors into differently shaped parameters, zero-filling new entries.
+
+    Overlapping leading slices are copied; new input channels of the first conv start at zero, so a
+    4-channel checkpoint behaves the same inside a 9-channel inpainting UNet at initialisation.
+    """
+    fitted = dict(sd)
+    for name, param in own.items():
+        if name not in sd or sd[name].shape == param.shape:
+            continue
+        old = sd[name]
+        if old.ndim != param.ndim:
+            raise ValueError(f"make_it_fit cannot fit '{name}': checkpoint {tuple(old.shape)} vs model {tuple(param.shape)}")
+        new = torch.zeros_like(param)
+        region = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, param.shape))
+        new[region] = old[region]
+        logger.info("make_it_fit: %s %s -> %s", name, tuple(old.shape), tuple(param.shape))
+        fitted[name] = new
+    return fitted
+
+
+class DiffusionWrapper(pl.LightningModule):
+    """Holds the denoising network as `diffusion_model` and routes conditioning into it."""
+
+    def __init__(self, diff_model_config: Any, conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        self.sequential_cross_attn = diff_model_config.pop("sequential_crossattn", False)
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
+                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the network with concat / cross-attention / ADM conditioning as configured."""
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key in ("concat", "hybrid", "hybrid-adm"):
+            self._require(c_concat, "c_concat")
+            x = torch.cat([x, *c_concat], dim=1)
+        context = None
+        if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm"):
+            self._require(c_crossattn, "c_crossattn")
+            context = list(c_crossattn) if self.sequential_cross_attn else torch.cat(c_crossattn, 1)
+        y = None
+        if key in ("hybrid-adm", "crossattn-adm"):
+            if c_adm is None:
+                raise ValueError(f"conditioning_key '{key}' needs c_adm")
+            y = c_adm
+        if key == "adm":
+            self._require(c_crossattn, "c_crossattn")
+            y = c_crossattn[0]
+        if context is None and y is None:
+            return self.diffusion_model(x, t)
+        if y is None:
+            return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, y=y)
+
+    def _require(self, value: Any, name: str) -> None:
+        if value is None:
+            raise ValueError(f"conditioning_key '{self.conditioning_key}' needs {name}, got None")
+
+
+# LatentDiffusion lives in its own file to keep this one readable; it is re-exported here so
+# that the original config target `ldm.models.diffusion.ddpm.LatentDiffusion` works.
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion  # noqa: E402,F401

@@ -1,0 +1,310 @@
+"""LatentDiffusion: DDPM in the latent space of a frozen first-stage autoencoder, with conditioning.
+
+Imported by `ldm.models.diffusion.ddpm`, where configs name it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ldm.models.diffusion.ddpm import DDPM, disabled_train
+from ldm.models.diffusion.latent_logging import LatentImageLogging
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import default, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+TEXT_KEYS = ("caption", "coordinates_bbox", "txt")
+LABEL_KEYS = ("class_label", "cls")
+
+
+class LatentDiffusion(LatentImageLogging, DDPM):
+    """The latent diffusion model of Rombach et al. 2022: first stage + conditioner + denoising UNet."""
+
+    def __init__(
+        self,
+        first_stage_config: Any,
+        cond_stage_config: Any,
+        num_timesteps_cond: int | None = None,
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        concat_mode: bool = True,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        force_null_conditioning: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ):
+        self.force_null_conditioning = force_null_conditioning
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError("num_timesteps_cond cannot exceed timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__" and not force_null_conditioning:
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        reset_ema = kwargs.pop("reset_ema", False)
+        reset_num_ema_updates = kwargs.pop("reset_num_ema_updates", False)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        try:
+            self.num_downs = len(first_stage_config.params.ddconfig.ch_mult) - 1
+        except (AttributeError, KeyError, TypeError):
+            self.num_downs = 0
+        if not scale_by_std:
+            self.scale_factor = scale_factor
+        else:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        self.bbox_tokenizer = None
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+            if reset_ema:
+                if not self.use_ema:
+                    raise ValueError("reset_ema=True needs use_ema=True")
+                logger.info("Resetting the EMA to the loaded weights.")
+                self.model_ema = type(self.model_ema)(self.model)
+        if reset_num_ema_updates:
+            if not self.use_ema:
+                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
+            self.model_ema.reset_num_updates()
+
+    # ------------------------------------------------------------------ set-up
+    def make_cond_schedule(self) -> None:
+        """Map training timesteps onto the shortened conditioning schedule (num_timesteps_cond)."""
+        cond_ids = torch.full((self.num_timesteps,), self.num_timesteps - 1, dtype=torch.long)
+        ids = torch.round(torch.linspace(0, self.num_timesteps - 1, self.num_timesteps_cond)).long()
+        cond_ids[: self.num_timesteps_cond] = ids
+        self.register_buffer("cond_ids", cond_ids, persistent=False)
+
+    def register_schedule(self, *args: Any, **kwargs: Any) -> None:
+        super().register_schedule(*args, **kwargs)
+        self.shorten_cond_schedule = self.num_timesteps_cond > 1
+        if self.shorten_cond_schedule:
+            self.make_cond_schedule()
+
+    def instantiate_first_stage(self, config: Any) -> None:
+        """Build the first stage, frozen and kept in eval mode."""
+        model = instantiate_from_config(config)
+        self.first_stage_model = model.eval()
+        self.first_stage_model.train = disabled_train.__get__(self.first_stage_model)
+        for param in self.first_stage_model.parameters():
+            param.requires_grad = False
+
+    def instantiate_cond_stage(self, config: Any) -> None:
+        """Build the conditioner: trainable, frozen, the first stage itself, or none."""
+        if not self.cond_stage_trainable:
+            if config == "__is_first_stage__":
+                logger.info("Using first stage also as cond stage.")
+                self.cond_stage_model = self.first_stage_model
+            elif config == "__is_unconditional__":
+                logger.info("Training %s as an unconditional model.", self.__class__.__name__)
+                self.cond_stage_model = None
+            else:
+                model = instantiate_from_config(config)
+                self.cond_stage_model = model.eval()
+                self.cond_stage_model.train = disabled_train.__get__(self.cond_stage_model)
+                for param in self.cond_stage_model.parameters():
+                    param.requires_grad = False
+        else:
+            if config in ("__is_first_stage__", "__is_unconditional__"):
+                raise ValueError(f"cond_stage_trainable=True cannot train the sentinel cond stage '{config}'")
+            self.cond_stage_model = instantiate_from_config(config)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            logger.info("%s: also optimizing conditioner params!", self.__class__.__name__)
+            params += list(self.cond_stage_model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """With scale_by_std, set scale_factor = 1/std(z) once, from the first batch of a fresh run."""
+        if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
+                and not self.restarted_from_ckpt):
+            return
+        if self.scale_factor.item() != 1.0:
+            logger.info("scale_factor %.5f already set (restored); not recomputed", self.scale_factor.item())
+            return
+        x = super().get_input(batch, self.first_stage_key).to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        self.scale_factor.copy_(1.0 / z.flatten().std())
+        logger.info("setting self.scale_factor to %.5f", self.scale_factor.item())
+
+    # ------------------------------------------------------------------ first stage and conditioning
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        """A latent from the first stage's output (sampled for a Gaussian posterior), times scale_factor."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type '{type(encoder_posterior).__name__}' not yet implemented")
+        return self.scale_factor * z
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Encode raw conditioning (captions, labels, images) with the cond stage."""
+        if self.cond_stage_forward is None:
+            if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+                c = self.cond_stage_model.encode(c)
+                if isinstance(c, DiagonalGaussianDistribution):
+                    c = c.mode()
+            else:
+                c = self.cond_stage_model(c)
+        else:
+            if not hasattr(self.cond_stage_model, self.cond_stage_forward):
+                raise AttributeError(f"cond_stage_forward '{self.cond_stage_forward}' is not a method of the cond stage")
+            c = getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        return c
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        """First-stage encoding of images."""
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):
+        """Images from (scaled) latents."""
+        if predict_cids:
+            if z.dim() == 4:
+                z = torch.argmax(z.exp(), dim=1).long()
+            z = self.first_stage_model.quantize.get_codebook_entry(z, shape=None)
+            z = z.permute(0, 3, 1, 2).contiguous()
+        z = 1.0 / self.scale_factor * z
+        if force_not_quantize and hasattr(self.first_stage_model, "quantize"):
+            return self.first_stage_model.decode(z, force_not_quantize=True)
+        return self.first_stage_model.decode(z)
+
+    @torch.no_grad()
+    def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
+                  cond_key: str | None = None, return_original_cond: bool = False, bs: int | None = None,
+                  return_x: bool = False) -> list:
+        """[z, c] for a batch (+ x, reconstruction, original conditioning as asked)."""
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None and not self.force_null_conditioning:
+            cond_key = default(cond_key, self.cond_stage_key)
+            if cond_key != self.first_stage_key:
+                if cond_key in TEXT_KEYS:
+                    xc = batch[cond_key]
+                elif cond_key in LABEL_KEYS:
+                    xc = batch
+                else:
+                    xc = super().get_input(batch, cond_key).to(self.device)
+            else:
+                xc = x
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
+            else:
+                c = xc
+            if bs is not None:
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_x:
+            out.append(x)
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: dict, **kwargs: Any):
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+    def _bs(self, batch: dict) -> int:
+        return len(batch[self.first_stage_key])
+
+    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any):
+        """Loss at uniformly drawn timesteps, encoding the conditioning when the cond stage trains."""
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.model.conditioning_key is not None:
+            if c is None:
+                raise ValueError("the model is conditional but the batch gave no conditioning")
+            if self.cond_stage_trainable:
+                c = self.get_learned_conditioning(c)
+            if self.shorten_cond_schedule:
+                tc = self.cond_ids[t].to(self.device)
+                c = self.q_sample(x_start=c, t=tc, noise=torch.randn_like(c.float()))
+        return self.p_losses(x, t, cond=c, *args, **kwargs)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False):
+        """The network output; cond may be a tensor, a list, or a dict of c_concat / c_crossattn / c_adm."""
+        if not isinstance(cond, dict):
+            if not isinstance(cond, list):
+                cond = [cond]
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond}
+        x_recon = self.model(x_noisy, t, **cond)
+        if isinstance(x_recon, tuple) and not return_ids:
+            return x_recon[0]
+        return x_recon
+
+    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
+        """Conditioning for classifier-free guidance: the null label / empty caption encoded."""
+        if null_label is not None:
+            xc = null_label
+            if isinstance(xc, (list, tuple)) and len(xc) == 1:
+                xc = list(xc) * batch_size
+            elif isinstance(xc, str):
+                xc = [xc] * batch_size
+            return self.get_learned_conditioning(xc)
+        if hasattr(self.cond_stage_model, "get_unconditional_conditioning"):
+            return self.cond_stage_model.get_unconditional_conditioning(batch_size)
+        if self.cond_stage_key in TEXT_KEYS:
+            return self.get_learned_conditioning([""] * batch_size)
+        raise NotImplementedError(
+            f"no unconditional conditioning for cond_stage_key '{self.cond_stage_key}': pass null_label"
+        )
+
+    # ------------------------------------------------------------------ sampling
+    def denoiser(self, model_fn=None, clip_denoised: bool | None = None):
+        return super().denoiser(model_fn, clip_denoised=default(clip_denoised, self.clip_denoised))
+
+    @torch.no_grad()
+    def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False, x_T=None,
+               verbose: bool = True, timesteps: int | None = None, quantize_denoised: bool = False, mask=None,
+               x0=None, shape=None, **kwargs: Any):
+        """Ancestral sampling in latent space (returns latents; see DDPM.p_sample_loop)."""
+        if shape is None:
+            shape = (batch_size, self.channels, self.image_size, self.image_size)
+        if isinstance(cond, dict):
+            cond = {k: (cond[k][:batch_size] if not isinstance(cond[k], list) else [c[:batch_size] for c in cond[k]])
+                    for k in cond}
+        elif cond is not None:
+            cond = [c[:batch_size] for c in cond] if isinstance(cond, list) else cond[:batch_size]
+        return self.p_sample_loop(shape, return_intermediates=return_intermediates, cond=cond, x_T=x_T,
+                                  timesteps=timesteps, quantize_denoised=quantize_denoised, mask=mask, x0=x0,
+                                  verbose=verbose, **kwargs)
+
+    @torch.no_grad()
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any):
+        """Samples for logging: DDIM when `ddim`, else ancestral; returns (samples, intermediates)."""
+        if ddim:
+            from ldm.models.diffusion.ddim import DDIMSampler
+
+            shape = (self.channels, self.image_size, self.image_size)
+            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+        return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
