@@ -177,3 +177,23 @@ def test_diffusion_wrapper_names_missing_conditioning(monkeypatch):
     monkeypatch.setattr("ldm.models.diffusion.ddpm.instantiate_from_config", lambda cfg: _Recorder())
     with pytest.raises(ValueError, match="conditioning_key 'crossattn' needs c_crossattn"):
         DiffusionWrapper({"target": "unused"}, "crossattn")(torch.zeros(1, 4, 3, 3), torch.tensor([1]))
+
+
+def test_lightning_fit_with_scheduler_and_ema_validation():
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    sched = {"target": "ldm.lr_scheduler.LambdaLinearScheduler",
+             "params": {"warm_up_steps": [4], "cycle_lengths": [10**13], "f_start": [0.0], "f_max": [1.0], "f_min": [1.0]}}
+    model = make_ddpm(scheduler_config=sched, use_ema=True)
+    model.learning_rate = 1e-3
+    data = torch.utils.data.DataLoader([{"image": torch.rand(8, 8, 3) * 2 - 1} for _ in range(8)], batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         num_sanity_val_steps=0, val_check_interval=2)
+    trainer.fit(model, data, data)
+    metrics = trainer.callback_metrics
+    assert {"val/loss_simple", "val/loss_simple_ema", "train/loss", "lr_abs"} <= set(metrics), set(metrics)
+    # LambdaLR stepped per step: three steps into a four-step warm-up
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
+    assert model.model_ema.num_updates.item() == 3
