@@ -29,15 +29,6 @@ VQ_LOSS = "ldm.modules.losses.VQLPIPSWithDiscriminator"
 STEPS, DISC_START, BATCH = 24, 8, 4  # training runs: one fixed batch of BATCH images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine run much faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def kl_model(disc_start: int = 100, **kwargs) -> AutoencoderKL:
     torch.manual_seed(0)
     loss = {"target": KL_LOSS, "params": {"disc_start": disc_start, "perceptual_weight": 0, "kl_weight": 1e-6,

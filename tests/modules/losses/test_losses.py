@@ -16,15 +16,6 @@ from ldm.modules.losses.perceptual import PerceptualLossUnavailable
 from ldm.modules.losses.vqperceptual import measure_perplexity
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(seed: int, shape=(2, 3, 16, 16)) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
