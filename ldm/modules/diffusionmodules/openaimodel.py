@@ -176,28 +176,25 @@ class QKVAttentionLegacy(nn.Module):
         super().__init__()
         self.n_heads = n_heads
 
+    def split(self, qkv: torch.Tensor, ch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [N*H, C, T]."""
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        # [B*H, C, T] -> [B*H, T, C]; one head per batch entry
+        q, k, v = self.split(qkv, width // (3 * self.n_heads))
+        # [N*H, C, T] -> [N*H, T, C]: one head per batch entry
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), heads=1)
         return out.transpose(1, 2).reshape(bs, -1, length)
 
 
-class QKVAttention(nn.Module):
+class QKVAttention(QKVAttentionLegacy):
     """Attention over a fused qkv tensor [N, 3*H*C, T] split into q, k, v first (the new order)."""
 
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(bs * self.n_heads, ch, length).transpose(1, 2) for t in qkv.chunk(3, dim=1))
-        out = attention(q, k, v, heads=1)
-        return out.transpose(1, 2).reshape(bs, -1, length)
+    def split(self, qkv: torch.Tensor, ch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        bs, _, length = qkv.shape
+        return tuple(t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
 
 
 class AttentionBlock(nn.Module):
