@@ -15,6 +15,7 @@ setup(
         "safetensors",
         "pillow",
         "tqdm",
+        "tensorboard",
         "lpips",
         "transformers",
         "tokenizers",

@@ -1,0 +1,1 @@
+"""What main.py assembles a training run from: config resolution, the data module, callbacks and checkpoint IO."""

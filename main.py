@@ -1,0 +1,197 @@
+"""Train (and test) a model described by YAML configs: flags -> merged OmegaConf -> objects -> Lightning run.
+
+    python main.py --base configs/latent-diffusion/cin-ldm-vq-f8.yaml -t --gpus 0, model.params.base_learning_rate=1e-5
+    python main.py --resume logs/<run>                       # continue a run in its own directory
+
+Runs live in `<logdir>/<timestamp>_<name><postfix>/` with configs/, checkpoints/ and images/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: F401 - original config target main.*
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+
+from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
+from ldm.training.config import (LOGDIR_ENV, RunDir, UsageError, drop_manual_optimization_options, learning_rate,
+                                 load_config, resolve_run, split_base_and_overrides, str2bool, trainer_options)
+from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
+from ldm.training.trainer import build_trainer
+from ldm.util import CheckpointError, ConfigError, instantiate_from_config
+
+logger = logging.getLogger("main")
+
+USER_ERRORS = (UsageError, ConfigError, CheckpointError)
+BOOL_FLAGS = {"-t": "--train", "--train": "--train", "--no-test": "--no-test", "-d": "--debug",
+              "--debug": "--debug", "--scale_lr": "--scale_lr"}
+BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
+
+
+def _int_or_float(text: str) -> int | float:
+    """'5' -> 5 (batches), '0.25' -> 0.25 (a fraction), as Lightning reads limit_* and val_check_interval."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _devices(text: str) -> int | str:
+    """'2' -> 2, '-1' -> -1; 'auto' and id lists like '0,1' stay strings for Lightning to parse."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+TRAINER_FLAGS: dict[str, tuple[Any, str]] = {
+    "accelerator": (str, "cpu, gpu, cuda, mps, tpu or auto"),
+    "devices": (_devices, "number of devices, ids like 0,1, -1 or auto"),
+    "num_nodes": (int, "number of machines"),
+    "strategy": (str, "ddp, fsdp, deepspeed, auto, ..."),
+    "precision": (str, "32, 16-mixed, bf16-mixed, ..."),
+    "max_steps": (int, "stop after this many optimisation steps"),
+    "max_epochs": (int, "stop after this many epochs"),
+    "accumulate_grad_batches": (int, "batches per optimisation step"),
+    "limit_train_batches": (_int_or_float, "batches (int) or fraction (float) of an epoch"),
+    "limit_val_batches": (_int_or_float, "batches (int) or fraction (float) of validation"),
+    "limit_test_batches": (_int_or_float, "batches (int) or fraction (float) of the test set"),
+    "val_check_interval": (_int_or_float, "validate every N batches (int) or fraction of an epoch (float)"),
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The original main.py flags plus the Lightning 2 Trainer flags; unknown `key=value` args override the config."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    add = parser.add_argument
+    add("-n", "--name", type=str, const="", default="", nargs="?", help="postfix for the run directory")
+    add("-r", "--resume", type=str, const="", default="", nargs="?",
+        help="resume from a run directory logs/<run> or a checkpoint logs/<run>/checkpoints/<file>.ckpt")
+    add("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+        help="config files, merged left to right; key=value args after them override single keys")
+    add("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    add("--no-test", type=str2bool, const=True, default=False, nargs="?", help="do not test after training")
+    add("-p", "--project", help="project name, passed to loggers that take one (e.g. WandbLogger)")
+    add("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
+        help="debug run: lives under <logdir>/debug_runs, DEBUG logging, post-mortem debugger on a crash")
+    add("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    add("-f", "--postfix", type=str, default="", help="postfix for the default name")
+    add("-l", "--logdir", type=str, default="logs", help="directory for logging data")
+    add("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+        help="scale base_lr by accumulate_grad_batches * devices * nodes * batch_size")
+    trainer = parser.add_argument_group("Lightning Trainer (override lightning.trainer in the config)")
+    trainer.add_argument("--gpus", type=str, default=None, help="Lightning 1 style GPU ids: '0,' or '0,1' or a count")
+    for flag, (kind, text) in TRAINER_FLAGS.items():
+        trainer.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    return parser
+
+
+def explicit_bool_flags(argv: list[str]) -> list[str]:
+    """`-t model.x=1` must not read `model.x=1` as -t's value: write bool flags as `--train=<value>`."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token in BOOL_FLAGS:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            explicit = following is not None and following.lower() in BOOL_WORDS
+            out.append(f"{BOOL_FLAGS[token]}={following if explicit else 'true'}")
+            i += 2 if explicit else 1
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+def _configure_logging(debug: bool) -> None:
+    """INFO on rank 0 (DEBUG with -d), warnings only on the other processes."""
+    level = (logging.DEBUG if debug else logging.INFO) if rank_zero_only.rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
+
+
+def prepare(opt: argparse.Namespace, unknown: list[str], now: str
+            ) -> tuple[RunDir, LightningModule, Any, Trainer, EmergencyCheckpoint]:
+    """Everything before the run starts; raises UsageError/ConfigError for user mistakes, writes nothing."""
+    files, dotlist = split_base_and_overrides(opt.base, unknown)
+    run = resolve_run(now, opt.name, opt.resume, files, opt.logdir, opt.postfix, opt.debug,
+                      rank_zero=rank_zero_only.rank == 0)
+    if not run.saved_configs and not files:
+        raise UsageError("no config: pass -b/--base config.yaml (or -r/--resume a run directory with configs/)")
+    config, lightning_config = load_config(run.saved_configs + files, dotlist)
+    seed_everything(opt.seed, workers=True)
+    flags = {key: getattr(opt, key) for key in TRAINER_FLAGS}
+    options = trainer_options(lightning_config.get("trainer"), flags, opt.gpus)
+    needs_data = opt.train or not opt.no_test
+    if needs_data and not isinstance(config.get("data"), DictConfig):
+        raise UsageError("the merged config has no 'data' section; expected data: {target: "
+                         "main.DataModuleFromConfig, params: {batch_size: ..., train: ..., validation: ...}}")
+    model = instantiate_from_config(config.model, path="model")
+    drop_manual_optimization_options(options, model)
+    lightning_config.trainer = options
+    data = instantiate_from_config(config.data, path="data") if needs_data else None
+    emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"))
+    trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
+    if opt.train:
+        model.learning_rate, rule = learning_rate(config, trainer.accumulate_grad_batches, trainer.num_devices,
+                                                  trainer.num_nodes, opt.scale_lr)
+        logger.info(rule)
+    return run, model, data, trainer, emergency
+
+
+def run_stages(opt: argparse.Namespace, run: RunDir, model: LightningModule, data: Any, trainer: Trainer) -> None:
+    """fit (from the resumed checkpoint), then test when there is a test set and the model has test_step."""
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=run.resume_ckpt)
+    if opt.no_test or trainer.interrupted:
+        return
+    if data is None or not is_overridden("test_dataloader", data) or not is_overridden("test_step", model):
+        logger.info("no test: the data has no test set or %s has no test_step", type(model).__name__)
+        return
+    trainer.test(model, data, ckpt_path=None if opt.train else run.resume_ckpt)
+
+
+def main(argv: list[str] | None = None, configure_logging: bool = False) -> int:
+    """Parse flags, build the run and execute it; user mistakes print one line and return 2."""
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(explicit_bool_flags(list(sys.argv[1:] if argv is None else argv)))
+    if configure_logging:
+        _configure_logging(opt.debug)
+    try:
+        run, model, data, trainer, emergency = prepare(opt, unknown, now)
+    except USER_ERRORS as err:
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return 2
+    inherited = os.environ.get(LOGDIR_ENV)
+    os.environ[LOGDIR_ENV] = run.logdir  # Lightning's launcher starts the other ranks with this environment
+    previous = signal.signal(signal.SIGUSR1, emergency.request)
+    try:
+        run_stages(opt, run, model, data, trainer)
+    except USER_ERRORS as err:
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return 2
+    except Exception:
+        if opt.debug and trainer.global_rank == 0 and sys.stdin.isatty():
+            import pdb
+
+            pdb.post_mortem(sys.exc_info()[2])
+        raise
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        if inherited is None:
+            os.environ.pop(LOGDIR_ENV, None)
+        else:
+            os.environ[LOGDIR_ENV] = inherited
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(configure_logging=True))
