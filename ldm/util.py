@@ -1,10 +1,13 @@
 """Config plumbing shared by every entry point: build objects from `target`/`params` configs."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
-from collections.abc import Mapping
+import os
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -147,8 +150,6 @@ def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "c
     Pickled files are read with `torch.load(weights_only=True)`; a file that needs arbitrary code to
     unpickle is refused unless `weights_only=False` is passed explicitly (only for trusted files).
     """
-    import os
-
     import torch
 
     if not os.path.isfile(path):
@@ -174,3 +175,26 @@ def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "c
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a state dict")
     return dict(obj)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to `path`; on success it is renamed to `path`, on failure removed.
+
+    The temporary file lives in the same directory, so `os.replace` is an atomic rename on POSIX filesystems:
+    readers see either the previous file or the complete new one, never a partial write.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # not mkstemp: its 0600 mode would survive the rename; a unique name keeps the umask's permissions
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # the data must be on disk before the rename makes it visible
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

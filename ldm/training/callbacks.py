@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
-from ldm.training.checkpoint_io import atomic_path
+from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
 
