@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test bench clean
+.PHONY: install test bench demo clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ test: install
 
 bench: install
 	$(PY) scripts/benchmark_unet.py
+
+# `make demo`: train the shapes autoencoder, then the text-conditioned shapes LDM, with main.py on CPU; write
+# outputs/demo/grid.png and print the caption adherence and the autoencoder PSNR (see README, Demo).
+# DEMO_ARGS passes flags to scripts/demo.py, e.g. DEMO_ARGS="--ldm-minutes 12".
+DEMO_ARGS ?=
+DEMO_START := $(shell date +%s)
+demo: install
+	@echo "time setup: $$(( $$(date +%s) - $(DEMO_START) )) s"
+	@$(PY) scripts/demo.py $(DEMO_ARGS); status=$$?; \
+	echo "time in all (setup included): $$(( $$(date +%s) - $(DEMO_START) )) s"; exit $$status
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

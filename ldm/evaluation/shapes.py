@@ -106,13 +106,13 @@ def psnr(images: torch.Tensor, references: torch.Tensor, data_range: float = 2.0
 
 
 @torch.no_grad()
-def autoencoder_psnr(autoencoder: Any, dataset: Any, n: int = 256, batch_size: int = 64) -> float:
-    """Mean PSNR (dB) of `autoencoder` reconstructing the first `n` images of `dataset` (posterior mean,
-    outputs clamped to [-1, 1]); `dataset` gives examples with an HWC `image` in [-1, 1]."""
+def reconstruct(autoencoder: Any, dataset: Any, n: int = 256, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, reconstructions), both (n, 3, H, W) in [-1, 1], of the first `n` images of `dataset` (examples
+    with an HWC `image` in [-1, 1]) through `autoencoder` (posterior mean, outputs clamped to [-1, 1])."""
     n = min(n, len(dataset))
     if n == 0:
-        raise ValueError("autoencoder_psnr: the dataset is empty")
-    values = []
+        raise ValueError("reconstruct: the dataset is empty")
+    inputs, outputs = [], []
     was_training = autoencoder.training
     autoencoder.eval()
     device = next(autoencoder.parameters()).device
@@ -122,7 +122,14 @@ def autoencoder_psnr(autoencoder: Any, dataset: Any, n: int = 256, batch_size: i
             x = torch.stack([torch.as_tensor(b) for b in batch]).permute(0, 3, 1, 2).float().to(device)
             z = autoencoder.encode(x)
             z = z if isinstance(z, torch.Tensor) else z.mode()  # a posterior: its mean
-            values.append(psnr(autoencoder.decode(z).clamp(-1, 1), x).cpu())
+            inputs.append(x.cpu())
+            outputs.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     finally:
         autoencoder.train(was_training)
-    return float(torch.cat(values).mean())
+    return torch.cat(inputs), torch.cat(outputs)
+
+
+def autoencoder_psnr(autoencoder: Any, dataset: Any, n: int = 256, batch_size: int = 64) -> float:
+    """Mean PSNR (dB) of `autoencoder` reconstructing the first `n` images of `dataset` (see `reconstruct`)."""
+    inputs, outputs = reconstruct(autoencoder, dataset, n, batch_size)
+    return float(psnr(outputs, inputs).mean())

@@ -1,0 +1,270 @@
+"""The shapes demo (`make demo`): train a small autoencoder, then a text-conditioned latent diffusion model on
+procedural shapes with `main.py` on CPU, sample a grid of captions with classifier-free guidance and score it.
+
+    python scripts/demo.py                                   # train both stages, sample, score
+    python scripts/demo.py --ldm-logdir logs/demo/<run>      # sample and score a trained LDM run only
+    python scripts/demo.py --ae-logdir logs/demo/<run>       # reuse a trained autoencoder, train the LDM
+
+Scores: caption adherence (the share of samples whose shape and colour, read from pixels by
+`ldm.data.shapes.judge_shape_image`, are the caption's) and the autoencoder's PSNR on held-out shapes.
+Outputs in --outdir: grid.png (rows: background × shape, columns: colour × seed), samples/*.png (one per
+sample, named by caption and seed) and scores.json.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesValidation, caption_of  # noqa: E402
+from ldm.evaluation.shapes import caption_adherence, psnr, reconstruct  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.util import instantiate_from_config, load_state_dict  # noqa: E402
+
+AE_CONFIG = "configs/autoencoder/shapes-kl-f4.yaml"
+LDM_CONFIG = "configs/latent-diffusion/shapes-ldm-kl-4.yaml"
+AE_NAME, LDM_NAME = "shapes-ae", "shapes-ldm"
+TOKENIZER_KEY = "model.params.cond_stage_config.params.tokenizer_path"
+CELL = 64  # grid cell side in pixels (samples upscaled, nearest neighbour)
+
+
+class DemoError(RuntimeError):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The demo's flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--logdir", default="logs/demo", help="where main.py puts the two runs (main.py -l)")
+    add("--outdir", default="outputs/demo", help="where grid.png, samples/ and scores.json go")
+    add("--ae-logdir", help="a trained shapes autoencoder run: skip stage 1")
+    add("--ldm-logdir", help="a trained shapes LDM run: skip training, only sample and score")
+    add("--ckpt", help="score this checkpoint of the LDM run instead of checkpoints/last.ckpt")
+    add("--ae-minutes", type=float, default=5.0, help="autoencoder training time (lightning.trainer.max_time)")
+    add("--ldm-minutes", type=float, default=7.0, help="LDM training time (lightning.trainer.max_time)")
+    add("--ae-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 1")
+    add("--ldm-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 2")
+    add("--seeds", type=int, default=2, help="samples per caption")
+    add("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=list(BACKGROUNDS))
+    add("--steps", type=int, default=50, help="DDIM steps")
+    add("--scale", type=float, default=4.0, help="classifier-free guidance scale")
+    add("--psnr-images", type=int, default=256, help="held-out shapes for the autoencoder PSNR")
+    return parser
+
+
+def max_time(minutes: float) -> str:
+    """Lightning's DD:HH:MM:SS for a number of minutes."""
+    seconds = max(int(round(minutes * 60)), 1)
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def latest_run(logdir: str, name: str) -> Path:
+    """The newest `<logdir>/<timestamp>_<name>` run directory."""
+    runs = sorted(glob.glob(os.path.join(logdir, f"*_{name}")))
+    if not runs:
+        raise DemoError(f"no run named '*_{name}' in {logdir}")
+    return Path(runs[-1])
+
+
+def checkpoint_of(run: Path, ckpt: str | None = None) -> Path:
+    """`ckpt`, or `<run>/checkpoints/last.ckpt`; a DemoError naming the path when it is missing."""
+    path = Path(ckpt) if ckpt else run / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise DemoError(f"checkpoint {path} does not exist (is {run} a finished main.py run?)")
+    return path
+
+
+def train_stage(config: str, name: str, logdir: str, minutes: float, overrides: Sequence[str]) -> Path:
+    """Train with main.py (printing its command line) and return the new run directory."""
+    logdir = os.path.abspath(logdir)
+    command = ["python", "main.py", "--base", config, "-t", "--no-test", "-l", logdir, "-n", name,
+               f"lightning.trainer.max_time={max_time(minutes)}", *overrides]
+    print("$ " + " ".join(command), flush=True)
+    before = set(glob.glob(os.path.join(logdir, f"*_{name}")))
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO)
+    if result.returncode != 0:
+        raise DemoError(f"main.py failed (exit status {result.returncode}) training {config}")
+    new = sorted(set(glob.glob(os.path.join(logdir, f"*_{name}"))) - before)
+    run = Path(new[-1]) if new else latest_run(logdir, name)
+    checkpoint_of(run)
+    return run
+
+
+def project_config(run: Path) -> Any:
+    """The model config main.py saved in `<run>/configs/*-project.yaml` (the newest when resumed)."""
+    files = sorted(glob.glob(str(run / "configs" / "*-project.yaml")))
+    if not files:
+        raise DemoError(f"{run}/configs has no *-project.yaml: is {run} a main.py run directory?")
+    config = OmegaConf.load(files[-1])
+    tokenizer = OmegaConf.select(config, TOKENIZER_KEY)
+    if tokenizer and not os.path.isabs(tokenizer) and not os.path.isdir(tokenizer) and (REPO / tokenizer).is_dir():
+        OmegaConf.update(config, TOKENIZER_KEY, str(REPO / tokenizer))
+    return config
+
+
+def load_ldm(run: Path, ckpt: str | None = None) -> Any:
+    """The LatentDiffusion of a run, with the weights of its checkpoint (first stage included), in eval mode."""
+    config = project_config(run)
+    # the first stage's weights are part of the LDM checkpoint: do not read the autoencoder run again
+    OmegaConf.update(config, "model.params.first_stage_config.params.ckpt_path", None)
+    model = instantiate_from_config(config.model, path="model")
+    path = checkpoint_of(run, ckpt)
+    try:
+        model.load_state_dict(load_state_dict(str(path)), strict=True)
+    except RuntimeError as err:
+        raise DemoError(f"checkpoint {path} does not fit the model of {run}/configs: {str(err).splitlines()[0]}")
+    return model.eval()
+
+
+def demo_captions(backgrounds: Sequence[str]) -> list[str]:
+    """Every shape in every colour on each background, in grid order (background, shape, colour)."""
+    return [caption_of(shape, color, bg) for bg in backgrounds for shape in SHAPES for color in COLORS]
+
+
+@torch.no_grad()
+def sample_captions(model: Any, captions: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W), one per (caption, seed) pair, by DDIM with classifier-free guidance and
+    the EMA weights; each sample's noise comes from its own seed, so it does not depend on the batch."""
+    shape = (model.channels, model.image_size, model.image_size)
+    sampler = DDIMSampler(model)
+    images = []
+    with model.ema_scope():
+        for start in range(0, len(captions), batch_size):
+            caps, batch_seeds = list(captions[start:start + batch_size]), list(seeds[start:start + batch_size])
+            c = model.get_learned_conditioning(caps)
+            uc = model.get_learned_conditioning([""] * len(caps))
+            z, _ = sampler.sample(S=steps, batch_size=len(caps), shape=shape, conditioning=c, eta=0.0,
+                                  unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                  seeds=batch_seeds, verbose=False)
+            images.append(model.decode_first_stage(z).clamp(-1, 1))
+    return torch.cat(images)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG under a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def labelled_grid(pixels: np.ndarray, backgrounds: Sequence[str], n_seeds: int) -> Image.Image:
+    """Rows background × shape, columns colour × seed, with the colour names on top and 'shape / background'
+    on the left; `pixels` in the order of `demo_captions` with the seeds innermost."""
+    label_w, label_h = 120, 18
+    rows, cols = len(backgrounds) * len(SHAPES), len(COLORS) * n_seeds
+    grid = Image.new("RGB", (label_w + cols * CELL, label_h + rows * CELL), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, color in enumerate(COLORS):
+        draw.text((label_w + j * n_seeds * CELL + 4, 3), color, fill=(0, 0, 0))
+    for i in range(rows):
+        bg, shape = backgrounds[i // len(SHAPES)], SHAPES[i % len(SHAPES)]
+        draw.text((4, label_h + i * CELL + CELL // 2 - 6), f"{shape} / {bg}", fill=(0, 0, 0))
+        for j in range(cols):
+            tile = Image.fromarray(pixels[i * cols + j]).resize((CELL, CELL), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_w + j * CELL, label_h + i * CELL))
+    return grid
+
+
+def write_outputs(outdir: Path, pixels: np.ndarray, captions: Sequence[str], seeds: Sequence[int],
+                  backgrounds: Sequence[str], n_seeds: int, scores: dict[str, Any]) -> None:
+    """grid.png, samples/<caption>_seed<k>.png and scores.json in `outdir`."""
+    for image, caption, seed in zip(pixels, captions, seeds):
+        save_png(Image.fromarray(image), outdir / "samples" / f"{caption.replace(' ', '-')}_seed{seed}.png")
+    save_png(labelled_grid(pixels, backgrounds, n_seeds), outdir / "grid.png")
+    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".json", dir=outdir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(scores, f, indent=2)
+    os.replace(tmp, outdir / "scores.json")
+
+
+def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Sample the demo captions from the LDM of `run`, write the outputs and return the scores."""
+    torch.manual_seed(0)
+    model = load_ldm(run, args.ckpt)
+    per_caption = demo_captions(args.backgrounds)
+    captions = [c for c in per_caption for _ in range(args.seeds)]
+    seeds = [k for _ in per_caption for k in range(args.seeds)]
+    pixels = to_uint8(sample_captions(model, captions, seeds, args.steps, args.scale))
+    adherence = caption_adherence(list(pixels), captions)
+    held_out = ShapesValidation(size=model.first_stage_model.encoder.resolution, length=args.psnr_images)
+    inputs, reconstructions = reconstruct(model.first_stage_model, held_out, args.psnr_images)
+    ae_psnr = float(psnr(reconstructions, inputs).mean())
+    # the same judge on the autoencoder's reconstructions of real shapes: the most the LDM's samples can reach
+    ae_adherence = caption_adherence(to_uint8(reconstructions), [held_out[i]["caption"] for i in range(len(inputs))])
+    scores = {"run": str(run), "checkpoint": str(checkpoint_of(run, args.ckpt)), "adherence": adherence.overall,
+              "per_shape": adherence.shape_rates(), "per_color": adherence.color_rates(), "ae_psnr_db": ae_psnr,
+              "ae_reconstruction_adherence": ae_adherence.overall,
+              "ddim_steps": args.steps, "guidance_scale": args.scale,
+              "samples": [{"caption": c, "seed": s, "judged": list(j)}
+                          for c, s, j in zip(captions, seeds, adherence.judged)]}
+    write_outputs(Path(args.outdir), pixels, captions, seeds, args.backgrounds, args.seeds, scores)
+    print(adherence.report())
+    print(f"autoencoder PSNR on {len(inputs)} held-out shapes: {ae_psnr:.2f} dB; the judge agrees with the captions "
+          f"of {100 * ae_adherence.overall:.1f}% of their reconstructions")
+    print(f"grid: {Path(args.outdir) / 'grid.png'} (rows: background x shape, columns: colour x seed)")
+    return scores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stages that are not given as finished runs, with the wall time of each."""
+    args = get_parser().parse_args(argv)
+    times: list[tuple[str, float]] = []
+    try:
+        if args.ldm_logdir:
+            ldm_run = Path(args.ldm_logdir)
+            if not ldm_run.is_dir():
+                raise DemoError(f"--ldm-logdir {ldm_run} is not a directory")
+        else:
+            if args.ae_logdir:
+                ae_run = Path(args.ae_logdir)
+            else:
+                start = time.monotonic()
+                ae_run = train_stage(AE_CONFIG, AE_NAME, args.logdir, args.ae_minutes, args.ae_override)
+                times.append(("autoencoder training", time.monotonic() - start))
+            ae_ckpt = checkpoint_of(ae_run).resolve()
+            start = time.monotonic()
+            ldm_run = train_stage(LDM_CONFIG, LDM_NAME, args.logdir, args.ldm_minutes,
+                                  [f"model.params.first_stage_config.params.ckpt_path={ae_ckpt}", *args.ldm_override])
+            times.append(("LDM training", time.monotonic() - start))
+        start = time.monotonic()
+        evaluate(ldm_run, args)
+        times.append(("sampling + scoring", time.monotonic() - start))
+    except DemoError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
+    for stage, seconds in times:
+        print(f"time {stage}: {seconds / 60:.1f} min ({seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
