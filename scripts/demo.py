@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesValidation, caption_of  # noqa: E402
 from ldm.evaluation.shapes import caption_adherence, psnr, reconstruct  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import instantiate_from_config, load_state_dict  # noqa: E402
+from ldm.util import atomic_path, instantiate_from_config, load_state_dict  # noqa: E402
 
 AE_CONFIG = "configs/autoencoder/shapes-kl-f4.yaml"
 LDM_CONFIG = "configs/latent-diffusion/shapes-ldm-kl-4.yaml"
@@ -165,15 +164,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def labelled_grid(pixels: np.ndarray, backgrounds: Sequence[str], n_seeds: int) -> Image.Image:
@@ -200,10 +192,8 @@ def write_outputs(outdir: Path, pixels: np.ndarray, captions: Sequence[str], see
     for image, caption, seed in zip(pixels, captions, seeds):
         save_png(Image.fromarray(image), outdir / "samples" / f"{caption.replace(' ', '-')}_seed{seed}.png")
     save_png(labelled_grid(pixels, backgrounds, n_seeds), outdir / "grid.png")
-    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".json", dir=outdir)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(outdir / "scores.json") as tmp, open(tmp, "w") as f:
         json.dump(scores, f, indent=2)
-    os.replace(tmp, outdir / "scores.json")
 
 
 def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
