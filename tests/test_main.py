@@ -204,12 +204,15 @@ def test_sigkill_mid_training_resumes_from_the_last_periodic_checkpoint(tmp_path
     saved = ckpt_step(last)
     assert saved >= 2 and saved % 2 == 0
     run = last.parent.parent
-    assert not [p for p in (run / "checkpoints").iterdir() if p.suffix != ".ckpt"]  # no temp files left
+    # a kill that lands inside a save can leave only a hidden temp file, never a partial .ckpt
+    assert all(p.suffix == ".ckpt" or (p.name.startswith(".") and p.suffix == ".tmp")
+               for p in (run / "checkpoints").iterdir())
 
     resumed = run_main(tmp_path, "-r", str(last.relative_to(tmp_path)), "-t", "--max_steps", str(saved + 2),
                        "lightning.callbacks.recorder.params.sleep=0")
     assert_ok(resumed)
     assert run_dirs(tmp_path) == [run]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.suffix != ".ckpt"]  # stale temp files removed
     assert read_json(tmp_path / "rec" / "rank0_start.json")["global_step"] == saved
     assert read_json(tmp_path / "rec" / "rank0_end.json")["global_step"] == saved + 2
     assert ckpt_step(last) == saved + 2
@@ -338,6 +341,18 @@ def test_a_new_run_never_reuses_an_existing_directory(tmp_path):
     assert run.logdir == f"{taken}-1" and run.resume_ckpt is None
     debug = resolve_run("2024-01-01T00-00-00", "x", None, [], str(tmp_path / "logs"), "-v2", True, rank_zero=True)
     assert debug.logdir == str(tmp_path / "logs" / "debug_runs" / "2024-01-01T00-00-00_x-v2")
+
+
+def test_resume_removes_temp_files_of_a_killed_checkpoint_write(tmp_path):
+    from ldm.training.config import resolve_run
+
+    ckpts = tmp_path / "logs" / "2024-01-01T00-00-00_tiny" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"complete")
+    (ckpts / ".last.ckpt.4242.0a1b2c3d.tmp").write_bytes(b"half")
+    run = resolve_run("now", None, str(ckpts.parent), [], str(tmp_path / "logs"), "", False, rank_zero=True)
+    assert run.resume_ckpt == str(ckpts / "last.ckpt")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]
 
 
 def test_csv_logger_when_tensorboard_is_missing(tmp_path, monkeypatch):

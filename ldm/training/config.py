@@ -4,6 +4,7 @@ Everything here raises `UsageError` (one line, naming the flag, file or config k
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import inspect
@@ -119,7 +120,16 @@ def _resumed_run(now: str, resume: str) -> RunDir:
         if not os.path.isfile(ckpt):
             raise UsageError(f"-r/--resume: run directory '{resume}' has no checkpoints/last.ckpt to resume from")
     saved = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+    remove_stale_temp_files(os.path.join(logdir, "checkpoints"))
     return RunDir(logdir=logdir, now=now, resume_ckpt=ckpt, saved_configs=saved)
+
+
+def remove_stale_temp_files(ckptdir: str) -> None:
+    """Delete the hidden `.<name>.<pid>.<id>.tmp` files a killed writer left (see `ldm.util.atomic_path`)."""
+    for path in glob.glob(os.path.join(ckptdir, "**", ".*.tmp"), recursive=True):
+        logger.info("removing %s, left by an interrupted checkpoint write", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def split_base_and_overrides(base: Sequence[str], unknown: Sequence[str]) -> tuple[list[str], list[str]]:
