@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
 from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
 from ldm.sampling.parameterization import to_prediction
@@ -244,10 +244,8 @@ class DDPM(pl.LightningModule):
         (batch-invariant), `step_callback(i, x, x0)` sees every step, and kwargs (mask, x0,
         temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm_ancestral`.
         """
-        x0_fn = self.first_stage_model.quantize if quantize_denoised else None
-        denoise = self.denoiser(lambda x, t: self.apply_model(x, t, cond))
-        if x0_fn is not None:
-            denoise.x0_fn = lambda x0: x0_fn(x0)[0]
+        denoise = with_x0_fn(self.denoiser(lambda x, t: self.apply_model(x, t, cond)),
+                             x0_postprocess(self, quantize_x0=quantize_denoised))
         noise = make_noise(seeds, self.device)
         img = noise.randn(shape) if x_T is None else x_T
         n_steps = default(timesteps, self.num_timesteps)

@@ -234,9 +234,6 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         x, c = self.get_input(batch, self.first_stage_key)
         return self(x, c)
 
-    def _bs(self, batch: dict) -> int:
-        return len(batch[self.first_stage_key])
-
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any):
         """Loss at uniformly drawn timesteps, encoding the conditioning when the cond stage trains."""
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
@@ -280,9 +277,6 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         )
 
     # ------------------------------------------------------------------ sampling
-    def denoiser(self, model_fn=None, clip_denoised: bool | None = None):
-        return super().denoiser(model_fn, clip_denoised=default(clip_denoised, self.clip_denoised))
-
     @torch.no_grad()
     def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False, x_T=None,
                verbose: bool = True, timesteps: int | None = None, quantize_denoised: bool = False, mask=None,
