@@ -27,6 +27,9 @@ setup(
             "pytest-xdist",
             "diffusers>=0.30",
             "transformers",
+            "nbformat",
+            "nbclient",
+            "ipykernel",
         ],
     },
 )
