@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ldm.data.base import crop_square, load_rgb, rand_uniform, resize_and_crop, resize_shorter_side, to_model_array
+from ldm.modules.image_degradation import make_degradation
 
 logger = logging.getLogger(__name__)
 
@@ -179,30 +177,6 @@ class ImageNetValidation(ImageNetBase):
     SPLIT_DIRS = ("val", "validation")
 
 
-# Degradations that are plain resizes. `cv_*` follow OpenCV's resize (no antialiasing when shrinking),
-# reproduced with torch's interpolate; `pil_*` use PIL's filters (antialiased).
-_TORCH_MODES = {"cv_nearest": "nearest", "cv_bilinear": "bilinear", "cv_bicubic": "bicubic", "cv_area": "area"}
-_PIL_FILTERS = {
-    "cv_lanczos": Image.Resampling.LANCZOS,
-    "pil_nearest": Image.Resampling.NEAREST,
-    "pil_bilinear": Image.Resampling.BILINEAR,
-    "pil_bicubic": Image.Resampling.BICUBIC,
-    "pil_box": Image.Resampling.BOX,
-    "pil_hamming": Image.Resampling.HAMMING,
-    "pil_lanczos": Image.Resampling.LANCZOS,
-}
-
-
-def downscale(image: Image.Image, size: int, degradation: str) -> np.ndarray:
-    """A `size`×`size` uint8 array of `image` shrunk with the named plain-resize degradation."""
-    if degradation in _PIL_FILTERS:
-        return np.asarray(image.resize((size, size), resample=_PIL_FILTERS[degradation]))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    kwargs = {} if _TORCH_MODES[degradation] in ("nearest", "area") else {"align_corners": False}
-    y = F.interpolate(x, size=(size, size), mode=_TORCH_MODES[degradation], **kwargs)
-    return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
 class ImageNetSR(Dataset):
     """Super-resolution pairs: `image` (HR, `size`²) and `LR_image` (`size / downscale_f`²), both in [-1, 1].
 
@@ -228,13 +202,7 @@ class ImageNetSR(Dataset):
             raise ValueError(f"ImageNetSR: size={size} must be set and divisible by downscale_f={downscale_f}")
         if not 0 < min_crop_f <= max_crop_f <= 1.0:
             raise ValueError(f"ImageNetSR: expected 0 < min_crop_f ({min_crop_f}) <= max_crop_f ({max_crop_f}) <= 1")
-        if degradation in ("bsrgan", "bsrgan_light"):
-            raise NotImplementedError(
-                f"ImageNetSR: degradation={degradation!r} needs ldm.modules.image_degradation, which is not implemented yet; "
-                f"use a plain resize: {sorted(_TORCH_MODES) + sorted(_PIL_FILTERS)}"
-            )
-        if degradation not in _TORCH_MODES and degradation not in _PIL_FILTERS:
-            raise ValueError(f"ImageNetSR: degradation={degradation!r} is not known; expected one of {sorted(_TORCH_MODES) + sorted(_PIL_FILTERS)}")
+        self.degradation_process = make_degradation(degradation, int(downscale_f), key="ImageNetSR: degradation")
         self.size, self.LR_size, self.degradation = int(size), int(size) // int(downscale_f), degradation
         self.min_crop_f, self.max_crop_f, self.center_crop = min_crop_f, max_crop_f, not random_crop
         self.base = self.get_base(split, config, data_root)
@@ -258,7 +226,7 @@ class ImageNetSR(Dataset):
         image = crop_square(image, max(side, 1), random=not self.center_crop)
         image = resize_shorter_side(image, self.size)
         example["image"] = to_model_array(image)
-        example["LR_image"] = to_model_array(downscale(image, self.LR_size, self.degradation))
+        example["LR_image"] = to_model_array(self.degradation_process(np.asarray(image)))
         return example
 
 

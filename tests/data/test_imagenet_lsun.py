@@ -92,10 +92,24 @@ def test_imagenet_sr_pairs_and_degradations(imagenet_root):
     nearest = ImageNetSR(size=8, degradation="cv_nearest", downscale_f=2, min_crop_f=1.0, random_crop=False, config=config)
     ex = nearest[0]
     np.testing.assert_allclose(ex["LR_image"], ex["image"][::2, ::2], atol=1e-6)  # nearest = subsampling
-    with pytest.raises(NotImplementedError, match="ldm.modules.image_degradation"):
-        ImageNetSR(size=8, degradation="bsrgan_light", config=config)
+    with pytest.raises(ValueError, match="degradation='cv_sharpen' is not known"):
+        ImageNetSR(size=8, degradation="cv_sharpen", config=config)
     with pytest.raises(ValueError, match="divisible"):
         ImageNetSR(size=10, degradation="pil_nearest", downscale_f=4, config=config)
+
+
+@pytest.mark.parametrize("degradation", ["bsrgan", "bsrgan_light"])
+def test_imagenet_sr_bsrgan_degradations(imagenet_root, degradation):
+    import random
+
+    config = {"root": str(imagenet_root)}
+    ds = ImageNetSR(size=8, degradation=degradation, downscale_f=4, min_crop_f=1.0, random_crop=False, config=config)
+    random.seed(0)
+    first = ds[1]
+    assert first["image"].shape == (8, 8, 3) and first["LR_image"].shape == (2, 2, 3)
+    assert first["LR_image"].dtype == np.float32 and -1.0 <= first["LR_image"].min() <= first["LR_image"].max() <= 1.0
+    random.seed(0)
+    np.testing.assert_array_equal(ds[1]["LR_image"], first["LR_image"])  # the global `random` seeds it
 
 
 @pytest.fixture()
