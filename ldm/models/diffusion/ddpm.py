@@ -179,6 +179,7 @@ class DDPM(pl.LightningModule):
             if any(key.startswith(prefix) for prefix in ignore_keys):
                 logger.info("Deleting key %s from state_dict.", key)
                 del sd[key]
+        sd = self.adapt_checkpoint(sd)
         target = self.model if only_model else self
         if self.make_it_fit:
             sd = _fit_state_dict(target.state_dict(), sd)
@@ -189,6 +190,10 @@ class DDPM(pl.LightningModule):
         if unexpected:
             logger.info("Unexpected keys: %s", unexpected)
         return missing, unexpected
+
+    def adapt_checkpoint(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for subclasses to reshape checkpoint tensors before init_from_ckpt loads them (identity here)."""
+        return sd
 
     # ------------------------------------------------------------------ the process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -479,6 +484,21 @@ class DiffusionWrapper(pl.LightningModule):
             raise ValueError(f"conditioning_key '{self.conditioning_key}' needs {name}, got None")
 
 
-# LatentDiffusion lives in its own file to keep this one readable; it is re-exported here so
-# that the original config target `ldm.models.diffusion.ddpm.LatentDiffusion` works.
-from ldm.models.diffusion.latent_diffusion import LatentDiffusion  # noqa: E402,F401
+# LatentDiffusion and the task models live in their own files to keep this one readable; they are
+# re-exported here so that the original config targets (`ldm.models.diffusion.ddpm.LatentDiffusion`,
+# `...ddpm.LatentInpaintDiffusion`, ...) work. Resolved on first access (PEP 562), so importing any
+# of these modules first is free of import cycles.
+_REEXPORTS = {
+    "LatentDiffusion": "ldm.models.diffusion.latent_diffusion",
+    "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REEXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_REEXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
