@@ -144,23 +144,28 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or refused; the message names the file."""
 
 
-def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "cpu") -> dict:
-    """Read a state dict from a Lightning .ckpt ("state_dict" inside), a bare torch file or .safetensors.
+# what a checkpoint records besides its weights (Lightning writes them; prune_ckpt keeps them as metadata)
+CHECKPOINT_COUNTERS = ("global_step", "epoch")
 
-    Pickled files are read with `torch.load(weights_only=True)`; a file that needs arbitrary code to
-    unpickle is refused unless `weights_only=False` is passed explicitly (only for trusted files).
-    """
+
+def read_checkpoint(path: str, weights_only: bool = True, map_location: Any = "cpu") -> tuple[dict, dict]:
+    """The state dict of a checkpoint file and what it records besides (`global_step`, `epoch` when present)."""
     import torch
 
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device=str(map_location))
+            state = load_file(path, device=str(map_location))
+            with safe_open(path, framework="pt") as handle:
+                header = handle.metadata() or {}
         except Exception as err:  # noqa: BLE001 - any parse failure is the file's fault
             raise CheckpointError(f"checkpoint '{path}' is not a readable safetensors file ({err})") from err
+        meta = {key: int(header[key]) for key in CHECKPOINT_COUNTERS if str(header.get(key, "")).isdigit()}
+        return state, meta
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # noqa: BLE001
@@ -170,11 +175,122 @@ def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "c
                 "If you trust the file, load it with weights_only=False"
             ) from err
         raise CheckpointError(f"checkpoint '{path}' could not be read ({type(err).__name__}: {err})") from err
+    meta = {}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        meta = {key: int(obj[key]) for key in CHECKPOINT_COUNTERS if isinstance(obj.get(key), int)}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a state dict")
-    return dict(obj)
+    return dict(obj), meta
+
+
+def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "cpu") -> dict:
+    """Read a state dict from a Lightning .ckpt ("state_dict" inside), a bare torch file or .safetensors.
+
+    Pickled files are read with `torch.load(weights_only=True)`; a file that needs arbitrary code to
+    unpickle is refused unless `weights_only=False` is passed explicitly (only for trusted files).
+    """
+    return read_checkpoint(path, weights_only, map_location)[0]
+
+
+def ema_state_dict(state_dict: Mapping[str, Any], source: str) -> dict:
+    """`state_dict` with every `model.<name>` replaced by its EMA copy `model_ema.<name without dots>`.
+
+    This is the naming of `ldm.modules.ema.LitEma` (one buffer per parameter of `model`, dots removed);
+    the `model_ema.*` entries are kept. `source` names the checkpoint in the error raised when it has no EMA.
+    """
+    shadow_prefix, model_prefix = "model_ema.", "model."
+    out, replaced = dict(state_dict), 0
+    for key in state_dict:
+        if not key.startswith(model_prefix):
+            continue
+        shadow = shadow_prefix + key[len(model_prefix):].replace(".", "")
+        if shadow in state_dict:
+            out[key] = state_dict[shadow]
+            replaced += 1
+    if not replaced:
+        raise CheckpointError(f"checkpoint '{source}' holds no EMA weights (no model_ema.* entries for the model.* "
+                              "parameters); load it without use_ema / --ema")
+    logger.info("Using the EMA weights of %d tensors from %s", replaced, source)
+    return out
+
+
+def _model_config(config: Any) -> Any:
+    """A private copy of the `model:` section of a config given as a path, dict or OmegaConf node."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, (str, os.PathLike)):
+        if not os.path.isfile(config):
+            raise ConfigError(f"config file '{os.fspath(config)}' does not exist")
+        config = OmegaConf.load(config)
+    if not isinstance(config, (Mapping, DictConfig)):
+        raise ConfigError(f"expected a config with a 'model' section (a path, dict or OmegaConf), got {_short(config)}")
+    config = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(config), resolve=True))
+    if "model" in config:
+        return config.model
+    if "target" in config:
+        return config
+    raise ConfigError("the config has no 'model' section; expected model: {target: ..., params: ...}")
+
+
+def _skip_sub_checkpoints(node: Any, where: str = "model") -> None:
+    """Set every `params.ckpt_path` under `node` to None: the full checkpoint replaces what they would load."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return
+    params = node.get("params")
+    if isinstance(params, DictConfig) and params.get("ckpt_path") is not None:
+        logger.info("not reading %s.params.ckpt_path=%s: the checkpoint holds those weights", where, params.ckpt_path)
+        params.ckpt_path = None
+    for key, value in node.items():
+        _skip_sub_checkpoints(value, f"{where}.{key}")
+
+
+def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose: bool = False,
+                           weights_only: bool = True, use_ema: bool = False) -> Any:
+    """Build the model of `config` (its `model:` section), load `ckpt` into it, return it in eval mode on `device`.
+
+    `ckpt` is a Lightning .ckpt, a bare state dict or a .safetensors file, read with `weights_only` (a pickle
+    that would run code is refused unless `weights_only=False`). `use_ema` loads the EMA weights (`model_ema.*`)
+    into the model. `params.ckpt_path` entries in the config are not read: the checkpoint holds the whole model.
+    Missing and unexpected keys are logged (and printed when `verbose`). `device=None` picks CUDA when available.
+    """
+    import torch
+
+    model_config = _model_config(config)
+    state, meta = read_checkpoint(ckpt, weights_only=weights_only)
+    if "global_step" in meta:
+        logger.info("Global Step: %d", meta["global_step"])
+        if verbose:
+            print(f"Global Step: {meta['global_step']}")
+    has_ema = any(key.startswith("model_ema.") for key in state)
+    if use_ema:
+        state = ema_state_dict(state, ckpt)
+    _skip_sub_checkpoints(model_config)
+    model = instantiate_from_config(model_config, path="model")
+    own = model.state_dict()
+    if own and not set(own) & set(state):
+        raise CheckpointError(f"checkpoint '{ckpt}' has none of the keys of {type(model).__name__} (it expects e.g. "
+                              f"'{next(iter(own))}', the file holds e.g. '{next(iter(state), '(nothing)')}')")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(f"checkpoint '{ckpt}' does not fit {type(model).__name__}: {lines[-1]}") from err
+    if not has_ema and getattr(model, "model_ema", None) is not None:
+        logger.info("checkpoint '%s' has no EMA weights: model_ema starts from the loaded weights", ckpt)
+        model.model_ema = type(model.model_ema)(model.model)
+        missing = [key for key in missing if not key.startswith("model_ema.")]
+    for kind, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            logger.warning("%d %s keys loading %s: %s", len(keys), kind, ckpt, keys)
+            if verbose:
+                print(f"{kind} keys:")
+                print(keys)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(torch.device(device)).eval()
 
 
 @contextlib.contextmanager
