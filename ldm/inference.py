@@ -1,0 +1,365 @@
+"""What the sampling scripts share: finding and loading a model, device and precision, seeds, conditioning,
+reading images and writing PNGs (with text metadata) atomically, and one-line errors for user mistakes.
+
+A model is named by `--config` + `--ckpt` (as in the original scripts) or by a main.py run: `-r/--resume
+logs/<run>` (or a checkpoint inside it, or `--ckpt` pointing at either) takes the run's merged
+`configs/*.yaml` and `checkpoints/last.ckpt`.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ldm.training.config import UsageError, load_config
+from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLERS = ("ddim", "plms", "dpm")
+PRECISIONS = ("autocast", "full", "bf16")
+
+
+class ScriptError(ValueError):
+    """A user mistake in a script's flags or inputs; printed as one line `error: ...`, exit status 2."""
+
+
+USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
+
+
+def run_cli(body: Callable[[], Any]) -> int:
+    """Run a script's body: 0 on success; a user error prints one line on stderr and gives 2."""
+    try:
+        body()
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def configure_logging() -> None:
+    """INFO messages of the package on stderr (scripts call this when run from the command line)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------------------- models
+def _run_of(path: str) -> tuple[str, str]:
+    """(run directory, checkpoint) of a main.py run directory or of a checkpoint inside its checkpoints/."""
+    if os.path.isdir(path):
+        ckpt = os.path.join(path, "checkpoints", "last.ckpt")
+        if not os.path.isfile(ckpt):
+            raise ScriptError(f"'{path}' is a directory but not a main.py run: it has no checkpoints/last.ckpt")
+        return os.path.normpath(path), ckpt
+    parent = os.path.dirname(os.path.abspath(path))
+    while os.path.basename(parent) != "checkpoints":  # also checkpoints/trainstep_checkpoints/<file>
+        if os.path.dirname(parent) == parent:
+            return "", path
+        parent = os.path.dirname(parent)
+    return os.path.dirname(parent), path
+
+
+def run_configs(run: str) -> list[str]:
+    """The configs main.py saved for a run (merged in this order, as main.py does on resume)."""
+    return sorted(glob.glob(os.path.join(run, "configs", "*.yaml")))
+
+
+def resolve_model_files(config: str | None, ckpt: str | None, resume: str | None = None,
+                        default_config: str | None = None, default_ckpt: str | None = None) -> tuple[list[str], str]:
+    """The config files and checkpoint a script loads.
+
+    `resume` (a run directory or a checkpoint inside one) and `ckpt` pointing into a run give the run's
+    checkpoint, and its configs unless `config` is given; otherwise `config` / `ckpt` or their defaults.
+    """
+    flag = "-r/--resume" if resume else "--ckpt"
+    ckpt_arg = resume or ckpt or default_ckpt
+    if not ckpt_arg:
+        raise ScriptError("no model given: pass --config and --ckpt, or -r/--resume logs/<run>")
+    if not os.path.exists(ckpt_arg):
+        raise ScriptError(f"{flag}: checkpoint '{ckpt_arg}' does not exist")
+    run, ckpt_path = _run_of(ckpt_arg)
+    if config:
+        files = [config]
+    elif run and run_configs(run):
+        files = run_configs(run)
+    elif run or resume:
+        raise ScriptError(f"{flag}: run '{run or ckpt_arg}' has no configs/*.yaml; pass --config")
+    elif default_config:
+        files = [default_config]
+    else:
+        raise ScriptError("no config given: pass --config (or -r/--resume logs/<run>)")
+    for path in files:
+        if not os.path.isfile(path):
+            raise ScriptError(f"--config: config file '{path}' does not exist")
+    return files, ckpt_path
+
+
+def _repo_relative_paths(node: Any) -> None:
+    """Make `*_path` strings that only exist relative to the repository root (e.g. tokenizer_path) absolute."""
+    if not isinstance(node, DictConfig):
+        return
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            _repo_relative_paths(value)
+        elif (isinstance(value, str) and str(key).endswith("_path") and value and not os.path.isabs(value)
+              and not os.path.exists(value) and (REPO / value).exists()):
+            node[key] = str(REPO / value)
+
+
+def load_model(config_files: Sequence[str], ckpt: str, device: torch.device, use_ema: bool = False) -> Any:
+    """The merged config of `config_files` and the model loaded from `ckpt`, in eval mode on `device`."""
+    config, _ = load_config(list(config_files), [])
+    _repo_relative_paths(config)
+    return config, load_model_from_config(config, ckpt, device=device, use_ema=use_ema)
+
+
+def checkpoint_label(ckpt: str) -> str:
+    """A short name for a checkpoint in PNG metadata: `<run>/<file>` inside a main.py run, else the file name."""
+    run, _ = _run_of(ckpt)
+    name = os.path.basename(ckpt)
+    return f"{os.path.basename(run)}/{name}" if run else name
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device: cuda when available by default; asking for cuda without it is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScriptError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """--precision: `full` is fp32; `bf16` autocasts to bfloat16; `autocast` is fp16 on CUDA and fp32 on CPU
+    (CPU fp16 kernels are slow and CPU bf16 changes the images, so CPU users ask for bf16 explicitly)."""
+    if precision == "full" or (precision == "autocast" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "autocast" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def image_multiple(model: Any) -> int:
+    """Image sides must be multiples of this: the first stage's downsampling times the UNet's."""
+    first = 2 ** int(getattr(model, "num_downs", 0) or 0)
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    levels = len(getattr(unet, "channel_mult", (1,)))
+    return first * 2 ** (levels - 1)
+
+
+def first_stage_factor(model: Any) -> int:
+    """Pixels per latent pixel along each side (1 for pixel-space models)."""
+    return 2 ** int(getattr(model, "num_downs", 0) or 0)
+
+
+def check_size(height: int, width: int, multiple: int, flags: tuple[str, str] = ("--H", "--W")) -> None:
+    """H and W must be positive multiples of `multiple`."""
+    for flag, value in zip(flags, (height, width)):
+        if value <= 0 or value % multiple:
+            raise ScriptError(f"{flag} {value} must be a positive multiple of {multiple}, the model's downsampling "
+                              "factor (first stage x UNet)")
+
+
+# ----------------------------------------------------------------------------------------- conditioning
+def is_text_model(model: Any) -> bool:
+    """Whether the model is conditioned on captions."""
+    from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
+
+    return _conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+
+
+def is_class_model(model: Any) -> bool:
+    """Whether the model is conditioned on class labels."""
+    from ldm.models.diffusion.latent_diffusion import LABEL_KEYS
+
+    return _conditional(model) and getattr(model, "cond_stage_key", None) in LABEL_KEYS
+
+
+def _conditional(model: Any) -> bool:
+    return getattr(getattr(model, "model", None), "conditioning_key", None) is not None
+
+
+def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
+    """(c, uc) for captions; uc is the empty caption when scale != 1, else None."""
+    c = model.get_learned_conditioning(list(prompts))
+    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    return c, uc
+
+
+def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
+    """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
+    embedder = model.cond_stage_model
+    key = getattr(embedder, "key", model.cond_stage_key)
+    n_classes = getattr(embedder, "n_classes", None)
+    if n_classes is not None and any(not 0 <= int(label) < n_classes for label in labels):
+        raise ScriptError(f"--classes: labels must lie in [0, {n_classes - 1}], got {list(labels)}")
+    c = model.get_learned_conditioning({key: torch.tensor([int(x) for x in labels], device=model.device)})
+    uc = None
+    if scale != 1.0:
+        uc = model.get_unconditional_conditioning(len(labels))
+        uc = model.get_learned_conditioning(uc) if isinstance(uc, Mapping) else uc
+    return c, uc
+
+
+# ----------------------------------------------------------------------------------------- samplers
+def make_sampler(name: str, model: Any) -> Any:
+    """DDIMSampler, PLMSSampler or DPMSolverSampler for `model`."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+    from ldm.models.diffusion.plms import PLMSSampler
+
+    return {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}[name](model)
+
+
+def check_steps(sampler_name: str, steps: int, eta: float, model: Any) -> None:
+    """Steps and eta the sampler accepts, checked before anything runs."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    if sampler_name == "plms" and eta != 0:
+        raise ScriptError(f"--ddim_eta {eta}: PLMS is deterministic and needs eta 0")
+    if sampler_name == "dpm":
+        if not 1 <= steps <= model.num_timesteps:
+            raise ScriptError(f"--steps {steps} must lie in [1, {model.num_timesteps}]")
+        return
+    try:
+        DDIMSampler(model).make_schedule(steps, ddim_eta=eta, verbose=False)
+    except ValueError as err:
+        raise ScriptError(f"--steps {steps}: {err}") from err
+
+
+def sample_latents(sampler: Any, steps: int, c: Any, uc: Any, scale: float, eta: float, shape: Sequence[int],
+                   seeds: Sequence[int], **kwargs: Any) -> torch.Tensor:
+    """Latents from a sampler with per-sample seeds (sample i depends on seeds[i] only)."""
+    samples, _ = sampler.sample(S=steps, conditioning=c, batch_size=len(seeds), shape=list(shape),
+                                unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
+                                seeds=list(seeds), verbose=False, **kwargs)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------- images
+def read_image(path: str, flag: str, mode: str = "RGB") -> Image.Image:
+    """An image file opened fully; a missing or unreadable file is a user error naming the flag."""
+    if not os.path.isfile(path):
+        raise ScriptError(f"{flag}: image '{path}' does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ScriptError(f"{flag}: '{path}' is not a readable image ({type(err).__name__})") from err
+
+
+def image_to_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:
+    """An RGB PIL image as a (1, 3, H, W) tensor in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
+
+
+def mask_to_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:
+    """A mask image as a (1, 1, H, W) tensor of 0/1 (pixels brighter than half are 1)."""
+    array = (np.asarray(image.convert("L"), dtype=np.float32) / 255.0 > 0.5).astype(np.float32)
+    return torch.from_numpy(array)[None, None].to(device)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] as (B, H, W, 3) uint8."""
+    images = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return images.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def grid_image(images: torch.Tensor, nrow: int) -> Image.Image:
+    """One image of `images` ((B, 3, H, W) in [-1, 1]) in rows of `nrow`, 2-pixel gaps."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().clamp(-1, 1), nrow=max(1, nrow), padding=2, pad_value=-1.0)
+    return Image.fromarray(to_uint8(grid[None])[0])
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:
+    """Write a PNG with text chunks (one per metadata entry) under a temporary name, then rename it."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        if value is not None:
+            info.add_text(str(key), str(value))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def next_index(folder: str | os.PathLike, pattern: str = r"(\d+)\.png") -> int:
+    """One more than the largest number of the files in `folder` matching `pattern` (0 when none)."""
+    regex = re.compile(pattern)
+    numbers = [int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+               if (m := regex.fullmatch(name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_samples(images: torch.Tensor, folder: str | os.PathLike, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One PNG per image, `NNNNN.png` numbered after the files already there; returns the paths."""
+    start = next_index(folder, r"(\d{5,})\.png")
+    paths = []
+    for k, (pixels, meta) in enumerate(zip(to_uint8(images), metadata)):
+        path = os.path.join(folder, f"{start + k:05}.png")
+        save_png(pixels, path, meta)
+        paths.append(path)
+    return paths
+
+
+def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metadata: Mapping[str, Any]) -> str:
+    """`grid-NNNN.png` in `outdir`, numbered after the grids already there."""
+    index = next_index(outdir, r"grid-(\d+)\.png")
+    path = os.path.join(outdir, f"grid-{index:04}.png")
+    save_png(grid_image(images, nrow), path, metadata)
+    return path
+
+
+def sample_metadata(**entries: Any) -> dict[str, Any]:
+    """PNG text entries: None values left out, floats written as Python prints them."""
+    return {key: value for key, value in entries.items() if value is not None}
+
+
+def batched(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive chunks of `items` of at most `size`."""
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def read_prompts(path: str, flag: str = "--from-file") -> list[str]:
+    """One prompt per non-empty line of a text file."""
+    if not os.path.isfile(path):
+        raise ScriptError(f"{flag}: prompt file '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScriptError(f"{flag}: '{path}' is not a readable text file ({type(err).__name__})") from err
+    if not prompts:
+        raise ScriptError(f"{flag}: prompt file '{path}' holds no prompt (one per line expected)")
+    return prompts
+
+
+def downsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A pixel mask (1 = fill) at latent resolution: a latent pixel is filled when any of its pixels is."""
+    return F.max_pool2d(mask, kernel_size=factor) if factor > 1 else mask
+
