@@ -7,16 +7,18 @@ same config runs on CPU and CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
@@ -274,17 +276,90 @@ def train_wordpiece_tokenizer(
     vocab = backend.get_vocab()
     ordered = sorted(vocab, key=vocab.__getitem__)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         # vocab.txt is the classic BERT format; loading it builds BERT's normalizer/pre-tokenizer/template.
         (tmp / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
         BertTokenizerFast.from_pretrained(str(tmp), do_lower_case=True).save_pretrained(str(tmp))
+    logger.info("saved a WordPiece tokenizer with %d tokens to %s", len(ordered), out)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `out`; on success it replaces `out`, on failure it is removed.
+
+    The folder counterpart of `ldm.util.atomic_path`: a crash never leaves a half-written tokenizer or model folder.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved a WordPiece tokenizer with %d tokens to %s", len(ordered), out)
-    return out
+
+
+INTERPOLATION_MODES = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+
+
+class SpatialRescaler(nn.Module):
+    """Resizes an image condition `n_stages` times by `multiplier`, then optionally maps channels with a 1x1 conv."""
+
+    def __init__(
+        self,
+        n_stages: int = 1,
+        method: str = "bilinear",
+        multiplier: float = 0.5,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if n_stages < 0:
+            raise ValueError(f"SpatialRescaler: n_stages must be >= 0, got {n_stages}")
+        if method not in INTERPOLATION_MODES:
+            raise ValueError(f"SpatialRescaler: method must be one of {', '.join(INTERPOLATION_MODES)}, got {method!r}")
+        self.n_stages = n_stages
+        self.method = method
+        self.multiplier = multiplier
+        self.remap_output = out_channels is not None
+        if self.remap_output:
+            logger.info("SpatialRescaler: mapping %d to %d channels with a 1x1 conv", in_channels, out_channels)
+            self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x resized by multiplier ** n_stages (one F.interpolate per stage), channels remapped if configured."""
+        for _ in range(self.n_stages):
+            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        if self.remap_output:
+            x = self.channel_mapper(x)
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as `forward`."""
+        return self(x)
+
+
+# The pretrained frozen encoders live in `frozen.py` (which imports this module); they are served from here
+# lazily so the original config targets `ldm.modules.encoders.modules.FrozenCLIPEmbedder` etc. keep working.
+_FROZEN_ENCODERS = (
+    "FrozenCLIPEmbedder",
+    "FrozenOpenCLIPEmbedder",
+    "FrozenHFTextEmbedder",
+    "FrozenEncoder",
+    "MissingPretrainedModelError",
+    "write_clip_tokenizer",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Module attribute hook (PEP 562): the frozen encoders, imported from `frozen.py` on first use."""
+    if name in _FROZEN_ENCODERS:
+        from ldm.modules.encoders import frozen
+
+        return getattr(frozen, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
