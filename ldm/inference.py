@@ -7,6 +7,7 @@ logs/<run>` (or a checkpoint inside it, or `--ckpt` pointing at either) takes th
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import logging
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from tqdm import trange
 
 from ldm.training.config import UsageError, load_config
 from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
@@ -55,6 +57,60 @@ def run_cli(body: Callable[[], Any]) -> int:
 def configure_logging() -> None:
     """INFO messages of the package on stderr (scripts call this when run from the command line)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------------------- flags
+def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None = None,
+                    default_ckpt: str | None = None) -> None:
+    """--config, --ckpt, -r/--resume, --ema, --device, --precision (shared by the image scripts)."""
+    add = parser.add_argument
+    add("--config", default=None, help=f"model config (default: the run's configs with -r, else {default_config})")
+    add("--ckpt", default=None, help=f"checkpoint (.ckpt or .safetensors) or a main.py run directory "
+                                     f"(default: {default_ckpt})")
+    add("-r", "--resume", default=None, metavar="LOGDIR",
+        help="a main.py run logs/<run> (or a checkpoint inside it): its configs and checkpoints/last.ckpt")
+    add("--ema", action="store_true", help="sample with the checkpoint's EMA weights (model_ema.*)")
+    add("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    add("--precision", choices=PRECISIONS, default="autocast",
+        help="autocast: fp16 on CUDA, fp32 on CPU; bf16: bfloat16 autocast; full: fp32")
+    parser.set_defaults(default_config=default_config, default_ckpt=default_ckpt)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: int, scale: float) -> None:
+    """--steps/--ddim_steps, --ddim_eta, --n_iter, --n_samples, --n_rows, --scale, --seed, --fixed_code, outputs."""
+    add = parser.add_argument
+    add("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="sampling steps")
+    add("--ddim_eta", type=float, default=0.0, help="eta of DDIM (0: deterministic)")
+    add("--n_iter", type=int, default=n_iter, help="sample this often")
+    add("--n_samples", type=int, default=n_samples, help="samples per prompt and iteration (the batch size)")
+    add("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    add("--scale", type=float, default=scale, help="classifier-free guidance scale (1: none)")
+    add("--seed", type=int, default=42, help="seed of the first sample")
+    add("--fixed_code", action="store_true", help="the same start codes in every iteration")
+    add("--skip_grid", action="store_true", help="do not write the grid")
+    add("--skip_save", action="store_true", help="do not write the individual samples")
+
+
+def sampler_name(args: argparse.Namespace) -> str:
+    """ddim, plms or dpm from the flags."""
+    if args.plms and args.dpm:
+        raise ScriptError("--plms and --dpm exclude each other")
+    return "plms" if args.plms else "dpm" if args.dpm else "ddim"
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--n_samples, --n_iter and --steps (those the script has) must be positive."""
+    for flag in ("n_samples", "n_iter", "steps"):
+        if getattr(args, flag, 1) < 1:
+            raise ScriptError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[object, torch.device, str]:
+    """(model, device, checkpoint path) from the model flags."""
+    device = pick_device(args.device)
+    files, ckpt = resolve_model_files(args.config, args.ckpt, args.resume, args.default_config, args.default_ckpt)
+    _, model = load_model(files, ckpt, device, use_ema=args.ema)
+    return model, device, ckpt
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -206,6 +262,16 @@ def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple
     return c, uc
 
 
+def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
+    """(c, uc) for a text model, (None, None) for an unconditional one; other conditionings are a user error."""
+    if is_text_model(model):
+        return text_conditioning(model, prompts, scale)
+    if not _conditional(model):
+        return None, None
+    raise ScriptError(f"the model is conditioned on '{getattr(model, 'cond_stage_key', None)}', not on text; "
+                      "this script samples text-conditioned or unconditional models")
+
+
 def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
     """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
     embedder = model.cond_stage_model
@@ -254,6 +320,16 @@ def sample_latents(sampler: Any, steps: int, c: Any, uc: Any, scale: float, eta:
                                 unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
                                 seeds=list(seeds), verbose=False, **kwargs)
     return samples
+
+
+def encode_image(model: Any, image: torch.Tensor) -> torch.Tensor:
+    """The scaled latent of images in [-1, 1]: the mode of a KL posterior (the original sampled it)."""
+    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+    posterior = model.encode_first_stage(image)
+    if isinstance(posterior, DiagonalGaussianDistribution):
+        posterior = posterior.mode()
+    return model.get_first_stage_encoding(posterior)
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -332,6 +408,35 @@ def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metada
     path = os.path.join(outdir, f"grid-{index:04}.png")
     save_png(grid_image(images, nrow), path, metadata)
     return path
+
+
+def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Mapping[str, Any],
+                   sample_batch: Callable[[list[str], list[int]], torch.Tensor]) -> list[str]:
+    """Run `sample_batch(prompts, seeds) -> images in [-1, 1]` over the prompts --n_iter times; write the samples
+    and the grid (unless --skip_save / --skip_grid) with metadata; returns the written paths.
+
+    One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
+    original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
+    (`--seed + k` with --fixed_code).
+    """
+    batches = [list(prompts) * args.n_samples] if len(prompts) == 1 else list(batched(prompts, args.n_samples))
+    written, all_images, all_seeds = [], [], []
+    for n in trange(args.n_iter, desc="Sampling"):
+        for b, batch in enumerate(batches):
+            first = args.seed if args.fixed_code else args.seed + (n * len(batches) + b) * args.n_samples
+            seeds = [first + k for k in range(len(batch))]
+            images = sample_batch(batch, seeds).detach().float().clamp(-1, 1).cpu()
+            if not args.skip_save:
+                meta = [sample_metadata(prompt=p, seed=s, **common) for p, s in zip(batch, seeds)]
+                written += save_samples(images, os.path.join(args.outdir, "samples"), meta)
+            all_images.append(images)
+            all_seeds += seeds
+    if not args.skip_grid:
+        grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
+                                    seed=repr(all_seeds), **common)
+        written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
+    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    return written
 
 
 def sample_metadata(**entries: Any) -> dict[str, Any]:
