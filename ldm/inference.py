@@ -76,6 +76,35 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None 
     parser.set_defaults(default_config=default_config, default_ckpt=default_ckpt)
 
 
+def add_prompt_flags(parser: argparse.ArgumentParser, outdir: str) -> None:
+    """--prompt, --from-file, --outdir, --C and --f (as the original SD scripts)."""
+    add = parser.add_argument
+    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+        help="the prompt to render")
+    add("--from-file", dest="from_file", type=str, help="a file with one prompt per line (instead of --prompt)")
+    add("--outdir", type=str, nargs="?", default=outdir, help="where to write")
+    add("--C", type=int, default=None, help="latent channels (default: the model's)")
+    add("--f", type=int, default=None, help="first-stage downsampling factor (default: the model's)")
+
+
+def read_prompt_flags(args: argparse.Namespace) -> list[str]:
+    """The prompts of --from-file, else [--prompt] (which must not be empty)."""
+    if args.from_file:
+        return read_prompts(args.from_file)
+    if not (args.prompt or "").strip():
+        raise ScriptError("--prompt is empty; give a prompt (or --from-file)")
+    return [args.prompt]
+
+
+def check_latent_flags(args: argparse.Namespace, model: Any) -> None:
+    """--C and --f, when given, must be the model's latent channels and first-stage factor."""
+    factor = first_stage_factor(model)
+    if args.f is not None and args.f != factor:
+        raise ScriptError(f"--f {args.f} differs from the model's first-stage downsampling factor {factor}")
+    if args.C is not None and args.C != model.channels:
+        raise ScriptError(f"--C {args.C} differs from the model's latent channels {model.channels}")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: int, scale: float) -> None:
     """--steps/--ddim_steps, --ddim_eta, --n_iter, --n_samples, --n_rows, --scale, --seed, --fixed_code, outputs."""
     add = parser.add_argument

@@ -32,15 +32,10 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 def get_parser() -> argparse.ArgumentParser:
     """The flags of the original img2img.py (plus -r/--resume, --device, --ema)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    inf.add_prompt_flags(parser, outdir="outputs/img2img-samples")
     add = parser.add_argument
-    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-        help="the prompt to render")
     add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
-    add("--outdir", type=str, nargs="?", default="outputs/img2img-samples", help="where to write")
     add("--strength", type=float, default=0.75, help="how much of the image to renoise, in [0, 1]")
-    add("--from-file", dest="from_file", type=str, help="a file with one prompt per line (instead of --prompt)")
-    add("--C", type=int, default=None, help="latent channels (default: the model's)")
-    add("--f", type=int, default=None, help="first-stage downsampling factor (default: the model's)")
     inf.add_sampling_flags(parser, n_iter=1, n_samples=2, scale=5.0)
     inf.add_model_flags(parser, DEFAULT_CONFIG, DEFAULT_CKPT)
     return parser
@@ -63,11 +58,7 @@ def check_flags(args: argparse.Namespace, model: object) -> None:
     """--strength in [0, 1], --C and --f the model's."""
     if not 0.0 <= args.strength <= 1.0:
         raise inf.ScriptError(f"--strength must lie in [0, 1], got {args.strength}")
-    if args.f is not None and args.f != inf.first_stage_factor(model):
-        raise inf.ScriptError(f"--f {args.f} differs from the model's first-stage downsampling factor "
-                              f"{inf.first_stage_factor(model)}")
-    if args.C is not None and args.C != model.channels:
-        raise inf.ScriptError(f"--C {args.C} differs from the model's latent channels {model.channels}")
+    inf.check_latent_flags(args, model)
 
 
 def renoise_and_denoise(sampler: DDIMSampler, z0: torch.Tensor, t_enc: int, c: object, uc: object, scale: float,

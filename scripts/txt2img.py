@@ -30,17 +30,12 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 def get_parser() -> argparse.ArgumentParser:
     """The flags of the original txt2img.py (plus -r/--resume, --dpm, --device, --ema)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    inf.add_prompt_flags(parser, outdir="outputs/txt2img-samples")
     add = parser.add_argument
-    add("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-        help="the prompt to render")
-    add("--from-file", dest="from_file", type=str, help="a file with one prompt per line (instead of --prompt)")
-    add("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="where to write")
     add("--plms", action="store_true", help="PLMS sampling")
     add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
     add("--H", type=int, default=512, help="image height in pixels")
     add("--W", type=int, default=512, help="image width in pixels")
-    add("--C", type=int, default=None, help="latent channels (default: the model's)")
-    add("--f", type=int, default=None, help="first-stage downsampling factor (default: the model's)")
     inf.add_sampling_flags(parser, n_iter=3, n_samples=3, scale=7.5)
     inf.add_model_flags(parser, DEFAULT_CONFIG, DEFAULT_CKPT)
     return parser
@@ -48,11 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def latent_shape(args: argparse.Namespace, model: object) -> tuple[int, int, int]:
     """(C, H/f, W/f), with --C and --f checked against the model."""
+    inf.check_latent_flags(args, model)
     factor = inf.first_stage_factor(model)
-    if args.f is not None and args.f != factor:
-        raise inf.ScriptError(f"--f {args.f} differs from the model's first-stage downsampling factor {factor}")
-    if args.C is not None and args.C != model.channels:
-        raise inf.ScriptError(f"--C {args.C} differs from the model's latent channels {model.channels}")
     inf.check_size(args.H, args.W, inf.image_multiple(model))
     return model.channels, args.H // factor, args.W // factor
 
@@ -61,9 +53,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt n_iter times; returns the written paths."""
     name = inf.sampler_name(args)
     inf.check_counts(args)
-    prompts = inf.read_prompts(args.from_file) if args.from_file else [args.prompt]
-    if not args.from_file and not (args.prompt or "").strip():
-        raise inf.ScriptError("--prompt is empty; give a prompt (or --from-file)")
+    prompts = inf.read_prompt_flags(args)
     model, device, ckpt = inf.load_from_args(args)
     if not inf.is_text_model(model):
         raise inf.ScriptError(f"the model of '{ckpt}' is not conditioned on text (cond_stage_key "
