@@ -27,6 +27,11 @@ AUTOENCODER = {  # 16x16x3 -> 4x4x4 (f4)
 }
 
 
+BERT = {"target": "ldm.modules.encoders.modules.BERTEmbedder",
+        "params": {"n_embed": 32, "n_layer": 1, "vocab_size": 128, "max_seq_len": 12,
+                   "tokenizer_path": "configs/latent-diffusion/shapes-tokenizer"}}
+
+
 def unet(in_channels=4, context_dim=None):
     params = {"image_size": 4, "in_channels": in_channels, "out_channels": 4, "model_channels": 32,
               "attention_resolutions": [], "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2}
@@ -37,17 +42,16 @@ def unet(in_channels=4, context_dim=None):
 
 
 def model_config(kind):
-    """A tiny LatentDiffusion: `text` (captions, cross-attention), `class` (3 labels), `uncond` or `concat` (an
-    SR model conditioned on a 4x4 low-resolution image, concatenated to the latent)."""
+    """A tiny LatentDiffusion: `text` (captions, cross-attention), `class` (3 labels), `uncond`, `concat` (an
+    SR model conditioned on a 4x4 low-resolution image, concatenated to the latent), `inpaint`
+    (LatentInpaintDiffusion) or `ldm-inpaint`."""
     params = {"linear_start": 0.0015, "linear_end": 0.0155, "timesteps": 1000, "first_stage_key": "image",
               "image_size": 4, "channels": 4, "scale_factor": 0.5, "monitor": "val/loss_simple_ema",
               "first_stage_config": copy.deepcopy(AUTOENCODER)}
     if kind == "text":
         params.update(cond_stage_key="caption", cond_stage_trainable=True, conditioning_key="crossattn",
                       parameterization="v", unet_config=unet(context_dim=32),
-                      cond_stage_config={"target": "ldm.modules.encoders.modules.BERTEmbedder",
-                                         "params": {"n_embed": 32, "n_layer": 1, "vocab_size": 128, "max_seq_len": 12,
-                                                    "tokenizer_path": "configs/latent-diffusion/shapes-tokenizer"}})
+                      cond_stage_config=BERT)
     elif kind == "class":
         params.update(cond_stage_key="class_label", cond_stage_trainable=True, conditioning_key="crossattn",
                       unet_config=unet(context_dim=32),
@@ -58,6 +62,13 @@ def model_config(kind):
     elif kind == "concat":
         params.update(cond_stage_key="LR_image", conditioning_key="concat", unet_config=unet(in_channels=7),
                       cond_stage_config={"target": "torch.nn.Identity"})
+    elif kind == "inpaint":  # SD 2 inpainting: mask + masked-image latent concatenated, captions cross-attended
+        params.update(cond_stage_key="caption", cond_stage_trainable=False, conditioning_key="hybrid",
+                      unet_config=unet(in_channels=9, context_dim=32), cond_stage_config=BERT)
+        return {"model": {"target": "ldm.models.diffusion.ddpm.LatentInpaintDiffusion", "params": params}}
+    elif kind == "ldm-inpaint":  # latent-diffusion's inpainting model: masked image through the first stage + mask
+        params.update(cond_stage_key="masked_image", conditioning_key="concat", unet_config=unet(in_channels=9),
+                      cond_stage_config="__is_first_stage__")
     else:
         raise ValueError(kind)
     return {"model": {"base_learning_rate": 1e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
