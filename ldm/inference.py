@@ -43,10 +43,12 @@ class ScriptError(ValueError):
 USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
 
 
-def run_cli(body: Callable[[], Any]) -> int:
-    """Run a script's body: 0 on success; a user error prints one line on stderr and gives 2."""
+def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None = None) -> int:
+    """Parse argv and run a script's body: 0 on success; a user error prints one line on stderr and gives 2."""
+    args = parser.parse_args(argv)
     try:
-        body()
+        body(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)

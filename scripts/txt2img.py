@@ -76,8 +76,7 @@ def generate(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and sample; user mistakes print one line and return 2."""
-    args = get_parser().parse_args(argv)
-    return inf.run_cli(lambda: generate(args))
+    return inf.run_cli(get_parser(), generate, argv)
 
 
 if __name__ == "__main__":
