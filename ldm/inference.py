@@ -272,17 +272,18 @@ def is_text_model(model: Any) -> bool:
     """Whether the model is conditioned on captions."""
     from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
 
-    return _conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+    return is_conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
 
 
 def is_class_model(model: Any) -> bool:
     """Whether the model is conditioned on class labels."""
     from ldm.models.diffusion.latent_diffusion import LABEL_KEYS
 
-    return _conditional(model) and getattr(model, "cond_stage_key", None) in LABEL_KEYS
+    return is_conditional(model) and getattr(model, "cond_stage_key", None) in LABEL_KEYS
 
 
-def _conditional(model: Any) -> bool:
+def is_conditional(model: Any) -> bool:
+    """Whether the UNet reads any conditioning."""
     return getattr(getattr(model, "model", None), "conditioning_key", None) is not None
 
 
@@ -297,7 +298,7 @@ def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tup
     """(c, uc) for a text model, (None, None) for an unconditional one; other conditionings are a user error."""
     if is_text_model(model):
         return text_conditioning(model, prompts, scale)
-    if not _conditional(model):
+    if not is_conditional(model):
         return None, None
     raise ScriptError(f"the model is conditioned on '{getattr(model, 'cond_stage_key', None)}', not on text; "
                       "this script samples text-conditioned or unconditional models")

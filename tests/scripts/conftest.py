@@ -57,8 +57,8 @@ def model_config(kind):
                       unet_config=unet(context_dim=32),
                       cond_stage_config={"target": "ldm.modules.encoders.modules.ClassEmbedder",
                                          "params": {"embed_dim": 32, "n_classes": 3, "key": "class_label"}})
-    elif kind == "uncond":
-        params.update(cond_stage_config="__is_unconditional__", unet_config=unet())
+    elif kind == "uncond":  # 100 timesteps: ancestral sampling runs through all of them
+        params.update(cond_stage_config="__is_unconditional__", unet_config=unet(), timesteps=100)
     elif kind == "concat":
         params.update(cond_stage_key="LR_image", conditioning_key="concat", unet_config=unet(in_channels=7),
                       cond_stage_config={"target": "torch.nn.Identity"})
