@@ -44,7 +44,7 @@ def unet(in_channels=4, context_dim=None):
 def model_config(kind):
     """A tiny LatentDiffusion: `text` (captions, cross-attention), `class` (3 labels), `uncond`, `concat` (an
     SR model conditioned on a 4x4 low-resolution image, concatenated to the latent), `inpaint`
-    (LatentInpaintDiffusion) or `ldm-inpaint`."""
+    (LatentInpaintDiffusion), `upscale` (LatentUpscaleDiffusion) or `ldm-inpaint`."""
     params = {"linear_start": 0.0015, "linear_end": 0.0155, "timesteps": 1000, "first_stage_key": "image",
               "image_size": 4, "channels": 4, "scale_factor": 0.5, "monitor": "val/loss_simple_ema",
               "first_stage_config": copy.deepcopy(AUTOENCODER)}
@@ -66,6 +66,15 @@ def model_config(kind):
         params.update(cond_stage_key="caption", cond_stage_trainable=False, conditioning_key="hybrid",
                       unet_config=unet(in_channels=9, context_dim=32), cond_stage_config=BERT)
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentInpaintDiffusion", "params": params}}
+    elif kind == "upscale":  # SD x4 upscaler: noise-augmented low-res image concatenated, its level as class label
+        params.update(cond_stage_key="caption", cond_stage_trainable=False, conditioning_key="hybrid-adm",
+                      parameterization="v", low_scale_key="lr", cond_stage_config=BERT,
+                      unet_config=unet(in_channels=7, context_dim=32),
+                      low_scale_config={"target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+                                        "params": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02},
+                                                   "max_noise_level": 350}})
+        params["unet_config"]["params"]["num_classes"] = 1000
+        return {"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": params}}
     elif kind == "ldm-inpaint":  # latent-diffusion's inpainting model: masked image through the first stage + mask
         params.update(cond_stage_key="masked_image", conditioning_key="concat", unet_config=unet(in_channels=9),
                       cond_stage_config="__is_first_stage__")
