@@ -12,6 +12,7 @@ shape never has its background's colour. `judge_shape_image` reads shape and col
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from typing import Any, Optional, Sequence, Union
 
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ldm.data.base import to_model_array
+from ldm.modules.image_degradation import make_degradation
 
 logger = logging.getLogger(__name__)
 
@@ -278,3 +280,27 @@ def judge_shape_image(img: Union[np.ndarray, torch.Tensor, Image.Image]) -> tupl
         return (fill - proto_fill) ** 2 + (_WIDENING_WEIGHT * (widening - proto_widening)) ** 2
 
     return min(_PROTOTYPES, key=distance), nearest_color(foreground)
+
+
+# ----------------------------------------------------------------------------------------------
+# Super-resolution pairs
+
+
+class ShapesSR(ShapesDataset):
+    """`ShapesDataset` examples with `LR_image`: the image `downscale_f` times smaller, degraded with any
+    name of `ldm.modules.image_degradation.DEGRADATIONS` (BSRGAN draws are seeded by (seed, split, index))."""
+
+    def __init__(self, size: int = 32, length: int = 10000, seed: int = 0, split: str = "train",
+                 degradation: str = "pil_bicubic", downscale_f: int = 4, **kwargs: Any) -> None:
+        if int(downscale_f) < 1 or int(size) % int(downscale_f):
+            raise ValueError(f"ShapesSR: size={size} must be divisible by downscale_f={downscale_f}")
+        super().__init__(size=size, length=length, seed=seed, split=split, **kwargs)
+        self.downscale_f = int(downscale_f)
+        self.degrade = make_degradation(degradation, self.downscale_f, key="ShapesSR: degradation")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = super().__getitem__(index)
+        pixels = np.round((example["image"] + 1.0) * 127.5).astype(np.uint8)
+        rng = random.Random(f"{self.seed}/{self.split}/{int(index)}")
+        example["LR_image"] = to_model_array(self.degrade(pixels, rng))
+        return example
