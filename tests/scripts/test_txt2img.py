@@ -1,5 +1,9 @@
 """scripts/txt2img.py end to end on a tiny text-conditioned LDM (16x16 images, 4x4x4 latents)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -105,3 +109,12 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(scripts, text_run, tm
     assert err.startswith("error: ") and "\n" not in err
     assert message.format(**fill) in err
     assert not out.exists()
+
+
+def test_command_line_prints_one_error_line_and_exits_2(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "txt2img.py"
+    result = subprocess.run([sys.executable, str(script), "--ckpt", str(tmp_path / "none.ckpt"), "--outdir",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --ckpt: checkpoint '{tmp_path / 'none.ckpt'}' does not exist"
+    assert not (tmp_path / "out").exists()
