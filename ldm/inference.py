@@ -207,7 +207,7 @@ def _repo_relative_paths(node: Any) -> None:
             node[key] = str(REPO / value)
 
 
-def load_model(config_files: Sequence[str], ckpt: str, device: torch.device, use_ema: bool = False) -> Any:
+def load_model(config_files: Sequence[str], ckpt: str, device: torch.device, use_ema: bool = False) -> tuple[DictConfig, Any]:
     """The merged config of `config_files` and the model loaded from `ckpt`, in eval mode on `device`."""
     config, _ = load_config(list(config_files), [])
     _repo_relative_paths(config)
