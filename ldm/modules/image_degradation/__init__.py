@@ -23,12 +23,20 @@ Degradation = Callable[[np.ndarray, Optional[Rng]], np.ndarray]
 __all__ = ["DEGRADATIONS", "degradation_fn_bsr", "degradation_fn_bsr_light", "make_degradation"]
 
 
+class _Degradation:
+    """A named degradation bound to its scale factor (a class, not a closure, so datasets stay picklable)."""
+
+    def __init__(self, name: str, downscale_f: int):
+        self.name, self.downscale_f = name, int(downscale_f)
+
+    def __call__(self, image: np.ndarray, rng: Optional[Rng] = None) -> np.ndarray:
+        if self.name in BSRGAN_DEGRADATIONS:
+            return BSRGAN_DEGRADATIONS[self.name](image, sf=self.downscale_f, rng=rng)["image"]
+        return downscale(image, (image.shape[0] // self.downscale_f, image.shape[1] // self.downscale_f), self.name)
+
+
 def make_degradation(name: str, downscale_f: int, key: str = "degradation") -> Degradation:
     """f(uint8 HWC image, rng=None) -> the uint8 image `downscale_f` times smaller, degraded as `name`."""
-    if name in BSRGAN_DEGRADATIONS:
-        fn = BSRGAN_DEGRADATIONS[name]
-        return lambda image, rng=None: fn(image, sf=downscale_f, rng=rng)["image"]
-    if name in RESIZE_DEGRADATIONS:
-        return lambda image, rng=None: downscale(
-            image, (image.shape[0] // downscale_f, image.shape[1] // downscale_f), name)
-    raise ValueError(f"{key}={name!r} is not known; expected one of {list(DEGRADATIONS)}")
+    if name not in DEGRADATIONS:
+        raise ValueError(f"{key}={name!r} is not known; expected one of {list(DEGRADATIONS)}")
+    return _Degradation(name, downscale_f)

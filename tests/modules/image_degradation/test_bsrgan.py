@@ -102,3 +102,11 @@ def test_make_degradation_names_and_plain_resizes():
         make_degradation("blur", 4)
     with pytest.raises(ValueError, match="uint8 HWC"):
         degradation_fn_bsr(image.astype(np.float32))
+
+
+def test_degradations_pickle_for_dataloader_workers():
+    import pickle
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    fn = pickle.loads(pickle.dumps(make_degradation("bsrgan_light", 4)))
+    np.testing.assert_array_equal(fn(image, random.Random(1)), degradation_fn_bsr_light(image, 4, rng=random.Random(1))["image"])
