@@ -77,18 +77,18 @@ def clip_vit_l14_dir(tmp_path_factory):
     return str(folder)
 
 
-def model_config(name: str, clip_dir: str):
+def model_config(name: str, request: pytest.FixtureRequest):
     """The model part of a shipped SD config, with the text encoder pointed at what exists offline."""
     cfg = OmegaConf.load(CONFIG_ROOT / name).model
     for target in (cfg.target, cfg.params.get("low_scale_config", {}).get("target")):
         if target:
             try:
                 get_obj_from_str(target)
-            except ConfigError as err:  # a class another change is adding: skip until it lands
+            except (ConfigError, ImportError) as err:  # a class another change is adding: skip until it lands
                 pytest.skip(f"{target} is not available yet ({err})")
     cond = cfg.params.cond_stage_config
     if cond.target.endswith("FrozenCLIPEmbedder"):
-        cond.params = {**(cond.get("params") or {}), "version": clip_dir}
+        cond.params = {**(cond.get("params") or {}), "version": request.getfixturevalue("clip_vit_l14_dir")}
     else:
         cond.params.version = None
     return cfg
@@ -101,8 +101,8 @@ def sample(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
-def test_sd_config_builds_full_model_and_round_trips(name, clip_vit_l14_dir, tmp_path):
-    cfg = model_config(name, clip_vit_l14_dir)
+def test_sd_config_builds_full_model_and_round_trips(name, request, tmp_path):
+    cfg = model_config(name, request)
     with constant_init(0.1):
         model = instantiate_from_config(cfg)
     state = model.state_dict()
