@@ -140,8 +140,8 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
             c_cat = cond["c_concat"][0]
             log["c_concat_decoded"] = self.decode_first_stage(c_cat[:, self.c_concat_log_start:self.c_concat_log_end])
         self._log_sampling_rows(log, z, cond, N, n_row, sample, ddim_steps, ddim_eta, plot_denoise_rows,
-                                plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale, unconditional_guidance_label,
-                                ema_scope)
+                                plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale,
+                                unconditional_guidance_label, ema_scope)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}
         return log
