@@ -11,6 +11,27 @@ from ldm.modules.discriminator.model import NLayerDiscriminator, weights_init
 from ldm.modules.losses.perceptual import build_lpips
 
 
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise absolute error."""
+    return torch.abs(x - y)
+
+
+def l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise squared error."""
+    return (x - y) ** 2
+
+
+PIXEL_LOSSES = {"l1": l1, "l2": l2}
+
+
+def pixel_loss_fn(name: str):
+    """The elementwise pixel loss `lossconfig.params.pixel_loss` names ('l1' or 'l2')."""
+    if name not in PIXEL_LOSSES:
+        raise ValueError(f"lossconfig.params.pixel_loss must be one of {sorted(PIXEL_LOSSES)}, got {name!r}")
+    return PIXEL_LOSSES[name]
+
+
+
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
     """`value` before step `threshold`, `weight` from then on (switches the GAN terms on at disc_start)."""
     return value if global_step < threshold else weight

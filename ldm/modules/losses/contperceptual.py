@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.losses.adversarial import PerceptualGANLoss
+from ldm.modules.losses.adversarial import PerceptualGANLoss, pixel_loss_fn
 
 
 class LPIPSWithDiscriminator(PerceptualGANLoss):
@@ -15,6 +15,7 @@ class LPIPSWithDiscriminator(PerceptualGANLoss):
 
     nll = (|x - x_rec| + perceptual_weight * LPIPS) / exp(logvar) + logvar, summed over pixels and averaged
     over the batch; total = weighted nll + kl_weight * KL + d_weight * disc_factor * g_loss.
+    `pixel_loss: l2` (ours, as in the VQ loss) uses (x - x_rec)^2 for |x - x_rec|: it optimises PSNR directly.
     `perceptual_pretrained=False` builds LPIPS on a random backbone (tests without downloads).
     """
 
@@ -33,6 +34,7 @@ class LPIPSWithDiscriminator(PerceptualGANLoss):
         disc_conditional: bool = False,
         disc_loss: str = "hinge",
         perceptual_pretrained: bool = True,
+        pixel_loss: str = "l1",
     ) -> None:
         super().__init__(
             disc_start,
@@ -47,6 +49,7 @@ class LPIPSWithDiscriminator(PerceptualGANLoss):
             perceptual_pretrained=perceptual_pretrained,
         )
         self.kl_weight = kl_weight
+        self.pixel_loss = pixel_loss_fn(pixel_loss)
         self.pixel_weight = pixelloss_weight  # kept for config compatibility; unused, as in the original
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init)
 
@@ -67,7 +70,7 @@ class LPIPSWithDiscriminator(PerceptualGANLoss):
         if optimizer_idx == 1:
             return self.discriminator_loss(inputs, reconstructions, global_step, cond, split)
 
-        rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
+        rec_loss = self.pixel_loss(inputs.contiguous(), reconstructions.contiguous())
         p_loss = self.perceptual(inputs, reconstructions)
         if p_loss is not None:
             rec_loss = rec_loss + self.perceptual_weight * p_loss

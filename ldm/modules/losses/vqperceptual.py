@@ -9,21 +9,11 @@ from ldm.modules.losses.adversarial import (  # noqa: F401 - re-exported at the 
     adopt_weight,
     hinge_d_loss,
     hinge_d_loss_with_exemplar_weights,
+    l1,
+    l2,
+    pixel_loss_fn,
     vanilla_d_loss,
 )
-
-
-def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Elementwise absolute error."""
-    return torch.abs(x - y)
-
-
-def l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Elementwise squared error."""
-    return (x - y) ** 2
-
-
-PIXEL_LOSSES = {"l1": l1, "l2": l2}
 
 
 def measure_perplexity(
@@ -71,8 +61,6 @@ class VQLPIPSWithDiscriminator(PerceptualGANLoss):
     ) -> None:
         if perceptual_loss != "lpips":
             raise ValueError(f"lossconfig.params.perceptual_loss must be 'lpips', got {perceptual_loss!r}")
-        if pixel_loss not in PIXEL_LOSSES:
-            raise ValueError(f"lossconfig.params.pixel_loss must be one of {sorted(PIXEL_LOSSES)}, got {pixel_loss!r}")
         super().__init__(
             disc_start,
             disc_num_layers=disc_num_layers,
@@ -88,7 +76,7 @@ class VQLPIPSWithDiscriminator(PerceptualGANLoss):
         )
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixelloss_weight  # kept for config compatibility; unused, as in the original
-        self.pixel_loss = PIXEL_LOSSES[pixel_loss]
+        self.pixel_loss = pixel_loss_fn(pixel_loss)
         self.n_classes = n_classes
 
     def forward(

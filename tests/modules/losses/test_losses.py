@@ -90,6 +90,19 @@ def test_kl_loss_nll_with_logvar_and_kl_weight_by_hand():
     assert set(log) == {f"train/{k}" for k in keys}
 
 
+def test_kl_loss_l2_pixel_loss_sums_squared_errors():
+    loss_fn = _kl_loss(logvar_init=0.0, kl_weight=0.0, pixel_loss="l2")
+    x = _images(0)
+    rec, last = _decoded(x)
+    posterior = DiagonalGaussianDistribution(_images(1, (2, 8, 4, 4)))
+    _, log = loss_fn(x, rec, posterior, 0, global_step=0, last_layer=last)
+    squared = ((x - rec) ** 2).sum().item()
+    assert log["train/rec_loss"].item() == pytest.approx(squared / x.numel(), rel=1e-5)
+    assert log["train/nll_loss"].item() == pytest.approx(squared / 2, rel=1e-5)  # per image, logvar 0
+    with pytest.raises(ValueError, match="pixel_loss"):
+        _kl_loss(pixel_loss="l3")
+
+
 def test_adaptive_weight_and_gan_term_after_disc_start():
     loss_fn = _kl_loss(disc_start=5, disc_weight=0.5, kl_weight=0.0)
     with torch.no_grad():  # a stronger critic, so that the weight stays below its clamp
