@@ -194,22 +194,28 @@ def load_state_dict(path: str, weights_only: bool = True, map_location: Any = "c
 
 
 def ema_state_dict(state_dict: Mapping[str, Any], source: str) -> dict:
-    """`state_dict` with every `model.<name>` replaced by its EMA copy `model_ema.<name without dots>`.
+    """`state_dict` with every parameter replaced by its EMA copy, in the naming of `ldm.modules.ema.LitEma`
+    (one `model_ema.<name without dots>` buffer per parameter).
 
-    This is the naming of `ldm.modules.ema.LitEma` (one buffer per parameter of `model`, dots removed);
-    the `model_ema.*` entries are kept. `source` names the checkpoint in the error raised when it has no EMA.
+    Both layouts of the codebase are understood: diffusion models average their `model` submodule
+    (`model.<name>` ← `model_ema.<name without dots>`), autoencoders average the whole module
+    (`<name>` ← `model_ema.<name without dots>`). The `model_ema.*` entries are kept. `source` names the
+    checkpoint in the error raised when it has no EMA.
     """
     shadow_prefix, model_prefix = "model_ema.", "model."
     out, replaced = dict(state_dict), 0
     for key in state_dict:
-        if not key.startswith(model_prefix):
+        if key.startswith(shadow_prefix):
             continue
-        shadow = shadow_prefix + key[len(model_prefix):].replace(".", "")
-        if shadow in state_dict:
+        candidates = [key.replace(".", "")]
+        if key.startswith(model_prefix):
+            candidates.insert(0, key[len(model_prefix):].replace(".", ""))
+        shadow = next((shadow_prefix + c for c in candidates if shadow_prefix + c in state_dict), None)
+        if shadow is not None:
             out[key] = state_dict[shadow]
             replaced += 1
     if not replaced:
-        raise CheckpointError(f"checkpoint '{source}' holds no EMA weights (no model_ema.* entries for the model.* "
+        raise CheckpointError(f"checkpoint '{source}' holds no EMA weights (no model_ema.* entries for its "
                               "parameters); load it without use_ema / --ema")
     logger.info("Using the EMA weights of %d tensors from %s", replaced, source)
     return out

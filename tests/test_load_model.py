@@ -146,3 +146,24 @@ def test_a_pickle_that_runs_code_is_refused_and_never_runs(trained, tmp_path):
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint '.*absent.ckpt' does not exist"):
         load_model_from_config(ddpm_config(), str(tmp_path / "absent.ckpt"))
+
+
+def test_use_ema_of_an_autoencoder_whose_ema_covers_the_whole_module(tmp_path):
+    from ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = dict(double_z=True, z_channels=2, resolution=8, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    ae_config = {"model": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": 2, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}, "ema_decay": 0.9}}}
+    torch.manual_seed(0)
+    ae = AutoencoderKL(embed_dim=2, ddconfig=ddconfig, lossconfig={"target": "torch.nn.Identity"}, ema_decay=0.9)
+    with torch.no_grad():  # the averages differ from the weights, as after training
+        for shadow in ae.model_ema.buffers():
+            if shadow.is_floating_point() and shadow.dim() > 0:
+                shadow.add_(1.0)
+    torch.save({"state_dict": ae.state_dict()}, tmp_path / "ae.ckpt")
+    ema = load_model_from_config(ae_config, str(tmp_path / "ae.ckpt"), use_ema=True)
+    raw = load_model_from_config(ae_config, str(tmp_path / "ae.ckpt"))
+    assert torch.equal(ema.encoder.conv_in.weight, ae.encoder.conv_in.weight + 1.0)
+    assert torch.equal(ema.post_quant_conv.bias, ae.post_quant_conv.bias + 1.0)
+    assert torch.equal(raw.encoder.conv_in.weight, ae.encoder.conv_in.weight)
