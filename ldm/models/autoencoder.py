@@ -66,9 +66,13 @@ class _AutoencoderBase(L.LightningModule):
         batch_resize_range: Sequence[int] | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
         lr_g_factor: float = 1.0,
+        adam_betas: Sequence[float] = (0.5, 0.9),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
+            raise ValueError(f"model.params.adam_betas must be two numbers in [0, 1), got {list(adam_betas)!r}")
+        self.adam_betas = tuple(float(b) for b in adam_betas)
         self.image_key = image_key
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -201,8 +205,8 @@ class _AutoencoderBase(L.LightningModule):
         return disc
 
     def configure_optimizers(self) -> Any:
-        """Adam(0.5, 0.9) for the autoencoder (lr_g_factor * lr) and for the discriminator (lr), with an
-        optional per-step LambdaLR for both from scheduler_config."""
+        """Adam for the autoencoder (lr_g_factor * lr) and for the discriminator (lr), betas `adam_betas`
+        ((0.5, 0.9) as the original, tuned for the GAN), with an optional per-step LambdaLR from scheduler_config."""
         lr = getattr(self, "learning_rate", None)
         if lr is None:
             logger.warning(
@@ -210,8 +214,8 @@ class _AutoencoderBase(L.LightningModule):
                 type(self).__name__, DEFAULT_LEARNING_RATE,
             )
             lr = self.learning_rate = DEFAULT_LEARNING_RATE
-        opt_ae = torch.optim.Adam(self._generator_parameters(), lr=self.lr_g_factor * lr, betas=(0.5, 0.9))
-        opt_disc = torch.optim.Adam(self._discriminator().parameters(), lr=lr, betas=(0.5, 0.9))
+        opt_ae = torch.optim.Adam(self._generator_parameters(), lr=self.lr_g_factor * lr, betas=self.adam_betas)
+        opt_disc = torch.optim.Adam(self._discriminator().parameters(), lr=lr, betas=self.adam_betas)
         if self.scheduler_config is None:
             return [opt_ae, opt_disc]
         schedule = instantiate_from_config(self.scheduler_config, path="model.params.scheduler_config")
@@ -312,7 +316,7 @@ class AutoencoderKL(_AutoencoderBase):
     """Autoencoder with a diagonal Gaussian latent, regularised by a small KL to N(0, I) (the SD VAE).
 
     `ema_decay` (or `use_ema`, decay 0.9999) keeps EMA weights; `learn_logvar` trains the loss's logvar
-    with the autoencoder.
+    with the autoencoder; `adam_betas` (ours) replaces the GAN-tuned (0.5, 0.9), e.g. (0.9, 0.999) without a GAN.
     """
 
     def __init__(
@@ -331,9 +335,10 @@ class AutoencoderKL(_AutoencoderBase):
         scheduler_config: Mapping[str, Any] | None = None,
         lr_g_factor: float = 1.0,
         batch_resize_range: Sequence[int] | None = None,
+        adam_betas: Sequence[float] = (0.5, 0.9),
     ) -> None:
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor, batch_resize_range,
-                         scheduler_config, lr_g_factor)
+                         scheduler_config, lr_g_factor, adam_betas)
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs model.params.ddconfig.double_z: true (mean and log-variance)")
         self.learn_logvar = learn_logvar
@@ -402,9 +407,10 @@ class VQModel(_AutoencoderBase):
         remap: str | None = None,
         sane_index_shape: bool = False,
         use_ema: bool = False,
+        adam_betas: Sequence[float] = (0.5, 0.9),
     ) -> None:
         super().__init__(ddconfig, lossconfig, image_key, colorize_nlabels, monitor, batch_resize_range,
-                         scheduler_config, lr_g_factor)
+                         scheduler_config, lr_g_factor, adam_betas)
         self.embed_dim = embed_dim
         self.n_embed = n_embed
         self.quantize = VectorQuantizer(n_embed, embed_dim, beta=0.25, remap=remap, sane_index_shape=sane_index_shape)

@@ -213,6 +213,17 @@ def test_optimizers(caplog):
         AutoencoderKL(DDCONFIG, {"target": "torch.nn.Identity"}, embed_dim=4).configure_optimizers()
 
 
+def test_adam_betas_reach_both_optimizers_and_are_checked():
+    for model in (kl_model(adam_betas=[0.9, 0.999]), vq_model(adam_betas=(0.9, 0.999))):
+        model.learning_rate = 1e-4
+        opt_ae, opt_disc = model.configure_optimizers()
+        assert opt_ae.defaults["betas"] == (0.9, 0.999) and opt_disc.defaults["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match="adam_betas"):
+        kl_model(adam_betas=[0.9])
+    with pytest.raises(ValueError, match="adam_betas"):
+        kl_model(adam_betas=[0.9, 1.5])
+
+
 # ---------------------------------------------------------------------------------------------
 # training with Lightning
 # ---------------------------------------------------------------------------------------------
