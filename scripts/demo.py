@@ -56,7 +56,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--ae-logdir", help="a trained shapes autoencoder run: skip stage 1")
     add("--ldm-logdir", help="a trained shapes LDM run: skip training, only sample and score")
     add("--ckpt", help="score this checkpoint of the LDM run instead of checkpoints/last.ckpt")
-    add("--ae-minutes", type=float, default=5.0, help="autoencoder training time (lightning.trainer.max_time)")
+    add("--ae-minutes", type=float, default=6.0, help="autoencoder training time (lightning.trainer.max_time)")
     add("--ldm-minutes", type=float, default=7.0, help="LDM training time (lightning.trainer.max_time)")
     add("--ae-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 1")
     add("--ldm-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 2")
@@ -104,6 +104,19 @@ def train_stage(config: str, name: str, logdir: str, minutes: float, overrides: 
     run = Path(new[-1]) if new else latest_run(logdir, name)
     checkpoint_of(run)
     return run
+
+
+def ema_first_stage(ae_run: Path) -> Path:
+    """The autoencoder's EMA weights as fp32 safetensors beside its last.ckpt, made with scripts/prune_ckpt.py
+    (the way published first stages ship): the LDM's first_stage_config.params.ckpt_path."""
+    ckpt = checkpoint_of(ae_run)
+    out = ckpt.with_name("last-ema-fp32.safetensors")
+    command = ["python", "scripts/prune_ckpt.py", str(ckpt), "--ema", "--dtype", "fp32", "--out", str(out)]
+    print("$ " + " ".join(command), flush=True)
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO)
+    if result.returncode != 0 or not out.is_file():
+        raise DemoError(f"scripts/prune_ckpt.py failed (exit status {result.returncode}) on {ckpt}")
+    return out
 
 
 def project_config(run: Path) -> Any:
@@ -240,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 start = time.monotonic()
                 ae_run = train_stage(AE_CONFIG, AE_NAME, args.logdir, args.ae_minutes, args.ae_override)
                 times.append(("autoencoder training", time.monotonic() - start))
-            ae_ckpt = checkpoint_of(ae_run).resolve()
+            ae_ckpt = ema_first_stage(ae_run).resolve()
             start = time.monotonic()
             ldm_run = train_stage(LDM_CONFIG, LDM_NAME, args.logdir, args.ldm_minutes,
                                   [f"model.params.first_stage_config.params.ckpt_path={ae_ckpt}", *args.ldm_override])
