@@ -48,6 +48,7 @@ _SPLIT_STREAMS = {"train": 0, "validation": 1}
 # with row index (an upward triangle widens linearly downwards; circles and squares are symmetric).
 _PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.5, 1.0)}
 _WIDENING_WEIGHT = 0.35
+FAINT_COVERAGE = 0.3  # coverage below this counts as background in judge_shape_image
 
 
 def class_label_of(shape: str, color: str) -> int:
@@ -251,6 +252,9 @@ def shape_coverage(img: Union[np.ndarray, torch.Tensor, Image.Image]) -> tuple[O
     direction = foreground - background
     # Fraction of each pixel covered by the foreground colour (anti-aliased edges are linear blends).
     alpha = np.clip((x - background) @ direction / float(direction @ direction), 0.0, 1.0)
+    # Faint tints (generated or reconstructed images ring around edges) are not part of the shape: without this,
+    # a halo under 30% coverage filling a triangle's bounding-box corners made it read as a circle.
+    alpha = np.where(alpha >= FAINT_COVERAGE, alpha, 0.0)
     region = _largest_component(alpha >= 0.5)
     ys, xs = np.nonzero(region)
     keep = np.zeros_like(alpha)

@@ -125,3 +125,21 @@ def test_judge_tells_shapes_and_colours_apart():
         for color in COLORS:
             pixels = render_shape(shape, color, "gray", (16.0, 15.0), 14.0, 32)
             assert judge_shape_image(pixels) == (shape, color)
+
+
+def test_judge_ignores_a_faint_halo_around_a_shape():
+    """Decoded images ring faintly around edges; a tint under 30% coverage must not turn a triangle into a circle."""
+    from ldm.data.shapes import render_shape
+
+    for size, side in ((16, 7.0), (32, 14.0)):
+        for color in ("blue", "red"):
+            clean = render_shape("triangle", color, "white", (size / 2, size / 2), side, size).astype(np.float64)
+            fg, bg = np.array(COLORS[color], np.float64), np.array(BACKGROUNDS["white"], np.float64)
+            lo, hi = int(size / 2 - side / 2) - 1, int(size / 2 + side / 2) + 2  # the bounding box and a pixel
+            box = np.zeros((size, size), bool)
+            box[lo:hi, lo:hi] = True
+            haloed = clean.copy()
+            tint = box & (np.abs(clean - bg).sum(-1) < 1)  # background pixels around the triangle
+            haloed[tint] = bg + 0.25 * (fg - bg)
+            assert judge_shape_image(clean.astype(np.uint8)) == ("triangle", color)
+            assert judge_shape_image(haloed.round().astype(np.uint8)) == ("triangle", color)
