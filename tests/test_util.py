@@ -118,3 +118,24 @@ def test_load_state_dict_names_missing_and_broken_files(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list, expected a state dict"):
         load_state_dict(str(tmp_path / "list.pt"))
+
+
+def test_fused_adam_kwargs_only_for_floating_cpu_or_cuda_parameters():
+    import torch
+
+    from ldm.util import fused_adam_kwargs
+
+    weights = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))]
+    assert fused_adam_kwargs(weights) == {"fused": True}
+    assert fused_adam_kwargs([]) == {}
+    assert fused_adam_kwargs([torch.randn(2, device="meta")]) == {}
+    # the fused kernel takes the same steps as the loop, to float tolerance
+    reference = [w.detach().clone().requires_grad_(True) for w in weights]
+    for params, kwargs in ((weights, fused_adam_kwargs(weights)), (reference, {})):
+        opt = torch.optim.AdamW(params, lr=1e-2, **kwargs)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.1 * (i + step + 1))
+            opt.step()
+    for fused, looped in zip(weights, reference):
+        torch.testing.assert_close(fused, looped)

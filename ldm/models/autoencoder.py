@@ -23,7 +23,7 @@ from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.vqvae.quantize import VectorQuantizer
-from ldm.util import instantiate_from_config, load_state_dict
+from ldm.util import fused_adam_kwargs, instantiate_from_config, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,10 @@ class _AutoencoderBase(L.LightningModule):
                 type(self).__name__, DEFAULT_LEARNING_RATE,
             )
             lr = self.learning_rate = DEFAULT_LEARNING_RATE
-        opt_ae = torch.optim.Adam(self._generator_parameters(), lr=self.lr_g_factor * lr, betas=self.adam_betas)
-        opt_disc = torch.optim.Adam(self._discriminator().parameters(), lr=lr, betas=self.adam_betas)
+        generator, discriminator = list(self._generator_parameters()), list(self._discriminator().parameters())
+        opt_ae = torch.optim.Adam(generator, lr=self.lr_g_factor * lr, betas=self.adam_betas,
+                                  **fused_adam_kwargs(generator))
+        opt_disc = torch.optim.Adam(discriminator, lr=lr, betas=self.adam_betas, **fused_adam_kwargs(discriminator))
         if self.scheduler_config is None:
             return [opt_ae, opt_disc]
         schedule = instantiate_from_config(self.scheduler_config, path="model.params.scheduler_config")

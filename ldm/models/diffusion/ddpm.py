@@ -24,7 +24,7 @@ from ldm.modules.ema import LitEma
 from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers import ddpm_ancestral
-from ldm.util import count_params, default, instantiate_from_config, load_state_dict
+from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,8 @@ class DDPM(pl.LightningModule):
                 f"{self.__class__.__name__}.learning_rate is not set: set model.base_learning_rate in the config "
                 "(main.py scales it) or assign model.learning_rate before training"
             )
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=lr, **fused_adam_kwargs(params))
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
