@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.data.shapes import ShapesTrain, ShapesValidation  # noqa: E402
-from ldm.evaluation.shapes import caption_adherence, psnr, reconstruct  # noqa: E402
+from ldm.evaluation.shapes import autoencoder_scores  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 CONFIG = REPO / "configs/autoencoder/shapes-kl-f4.yaml"
@@ -53,14 +53,6 @@ def batches(dataset: ShapesTrain, batch_size: int):
         images = [dataset[index + i]["image"] for i in range(batch_size)]
         index += batch_size
         yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-
-
-def score(model: Any, held_out: ShapesValidation, n: int) -> tuple[float, float]:
-    """(mean PSNR in dB, share of reconstructions judged as their caption) on `n` held-out shapes."""
-    inputs, reconstructions = reconstruct(model, held_out, n)
-    pixels = ((reconstructions.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-    adherence = caption_adherence(list(pixels), [held_out[i]["caption"] for i in range(n)])
-    return float(psnr(reconstructions, inputs).mean()), adherence.overall
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,12 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.model_ema(model)
         if step % args.every == 0 or step == args.steps:
             model.eval()
-            raw = score(model, held_out, args.eval_images)
-            line = f"step {step:5d}  {time.monotonic() - start:6.0f} s  raw {raw[0]:5.2f} dB {100 * raw[1]:5.1f}%"
+            raw_psnr, raw = autoencoder_scores(model, held_out, args.eval_images)
+            line = f"step {step:5d}  {time.monotonic() - start:6.0f} s  raw {raw_psnr:5.2f} dB {100 * raw.overall:5.1f}%"
             if model.use_ema:
                 with model.ema_scope():
-                    ema = score(model, held_out, args.eval_images)
-                line += f"  EMA {ema[0]:5.2f} dB {100 * ema[1]:5.1f}%"
+                    ema_psnr, ema = autoencoder_scores(model, held_out, args.eval_images)
+                line += f"  EMA {ema_psnr:5.2f} dB {100 * ema.overall:5.1f}%"
             print(line, flush=True)
     return 0
 

@@ -32,7 +32,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesValidation, caption_of  # noqa: E402
-from ldm.evaluation.shapes import caption_adherence, psnr, reconstruct  # noqa: E402
+from ldm.evaluation.shapes import autoencoder_scores, caption_adherence  # noqa: E402
+from ldm.inference import to_uint8  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.util import atomic_path, instantiate_from_config, load_state_dict  # noqa: E402
 
@@ -90,16 +91,21 @@ def checkpoint_of(run: Path, ckpt: str | None = None) -> Path:
     return path
 
 
+def run_command(command: Sequence[str], what: str) -> None:
+    """Print and run a repository command line (`python ...` with this interpreter); a DemoError if it fails."""
+    print("$ " + " ".join(command), flush=True)
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO)
+    if result.returncode != 0:
+        raise DemoError(f"{command[1]} failed (exit status {result.returncode}) {what}")
+
+
 def train_stage(config: str, name: str, logdir: str, minutes: float, overrides: Sequence[str]) -> Path:
     """Train with main.py (printing its command line) and return the new run directory."""
     logdir = os.path.abspath(logdir)
     command = ["python", "main.py", "--base", config, "-t", "--no-test", "-l", logdir, "-n", name,
                f"lightning.trainer.max_time={max_time(minutes)}", *overrides]
-    print("$ " + " ".join(command), flush=True)
     before = set(glob.glob(os.path.join(logdir, f"*_{name}")))
-    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO)
-    if result.returncode != 0:
-        raise DemoError(f"main.py failed (exit status {result.returncode}) training {config}")
+    run_command(command, f"training {config}")
     new = sorted(set(glob.glob(os.path.join(logdir, f"*_{name}"))) - before)
     run = Path(new[-1]) if new else latest_run(logdir, name)
     checkpoint_of(run)
@@ -112,10 +118,9 @@ def ema_first_stage(ae_run: Path) -> Path:
     ckpt = checkpoint_of(ae_run)
     out = ckpt.with_name("last-ema-fp32.safetensors")
     command = ["python", "scripts/prune_ckpt.py", str(ckpt), "--ema", "--dtype", "fp32", "--out", str(out)]
-    print("$ " + " ".join(command), flush=True)
-    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO)
-    if result.returncode != 0 or not out.is_file():
-        raise DemoError(f"scripts/prune_ckpt.py failed (exit status {result.returncode}) on {ckpt}")
+    run_command(command, f"on {ckpt}")
+    if not out.is_file():
+        raise DemoError(f"scripts/prune_ckpt.py did not write {out}")
     return out
 
 
@@ -170,11 +175,6 @@ def sample_captions(model: Any, captions: Sequence[str], seeds: Sequence[int], s
     return torch.cat(images)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
-    return ((images.permute(0, 2, 3, 1).cpu().numpy() + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
-
-
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name in the same folder, then rename it into place."""
     with atomic_path(path) as tmp:
@@ -219,10 +219,8 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     pixels = to_uint8(sample_captions(model, captions, seeds, args.steps, args.scale))
     adherence = caption_adherence(list(pixels), captions)
     held_out = ShapesValidation(size=model.first_stage_model.encoder.resolution, length=args.psnr_images)
-    inputs, reconstructions = reconstruct(model.first_stage_model, held_out, args.psnr_images)
-    ae_psnr = float(psnr(reconstructions, inputs).mean())
     # the same judge on the autoencoder's reconstructions of real shapes: the most the LDM's samples can reach
-    ae_adherence = caption_adherence(to_uint8(reconstructions), [held_out[i]["caption"] for i in range(len(inputs))])
+    ae_psnr, ae_adherence = autoencoder_scores(model.first_stage_model, held_out, args.psnr_images)
     scores = {"run": str(run), "checkpoint": str(checkpoint_of(run, args.ckpt)), "adherence": adherence.overall,
               "per_shape": adherence.shape_rates(), "per_color": adherence.color_rates(), "ae_psnr_db": ae_psnr,
               "ae_reconstruction_adherence": ae_adherence.overall,
@@ -231,7 +229,7 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
                           for c, s, j in zip(captions, seeds, adherence.judged)]}
     write_outputs(Path(args.outdir), pixels, captions, seeds, args.backgrounds, args.seeds, scores)
     print(adherence.report())
-    print(f"autoencoder PSNR on {len(inputs)} held-out shapes: {ae_psnr:.2f} dB; the judge agrees with the captions "
+    print(f"autoencoder PSNR on {ae_adherence.total} held-out shapes: {ae_psnr:.2f} dB; the judge agrees with the captions "
           f"of {100 * ae_adherence.overall:.1f}% of their reconstructions")
     print(f"grid: {Path(args.outdir) / 'grid.png'} (rows: background x shape, columns: colour x seed)")
     return scores

@@ -133,3 +133,13 @@ def autoencoder_psnr(autoencoder: Any, dataset: Any, n: int = 256, batch_size: i
     """Mean PSNR (dB) of `autoencoder` reconstructing the first `n` images of `dataset` (see `reconstruct`)."""
     inputs, outputs = reconstruct(autoencoder, dataset, n, batch_size)
     return float(psnr(outputs, inputs).mean())
+
+
+def autoencoder_scores(autoencoder: Any, dataset: Any, n: int = 256, batch_size: int = 64) -> tuple[float, AdherenceScore]:
+    """(mean PSNR in dB, caption adherence of the uint8 reconstructions) of `autoencoder` on the first `n` images
+    of `dataset`: the first stage's quality, and the most an LDM decoding through it can reach on the judge."""
+    from ldm.inference import to_uint8
+
+    inputs, outputs = reconstruct(autoencoder, dataset, n, batch_size)
+    captions = [dataset[i]["caption"] for i in range(len(inputs))]
+    return float(psnr(outputs, inputs).mean()), caption_adherence(list(to_uint8(outputs)), captions)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.data.shapes import COLORS, SHAPES, ShapesValidation, caption_of
-from ldm.evaluation.shapes import autoencoder_psnr, caption_adherence, parse_caption, psnr
+from ldm.evaluation.shapes import autoencoder_psnr, autoencoder_scores, caption_adherence, parse_caption, psnr
 
 
 def test_parse_caption_round_trips_and_rejects_other_text():
@@ -83,3 +83,13 @@ def test_autoencoder_psnr_of_a_known_error():
     expected = (10 * torch.log10(4.0 / mse)).mean().item()
     assert autoencoder_psnr(_NoisyIdentity(0.1), data, n=5, batch_size=2) == pytest.approx(expected, rel=1e-6)
     assert np.isfinite(expected)
+
+
+def test_autoencoder_scores_give_the_psnr_and_judge_the_reconstructions():
+    data = ShapesValidation(size=16, length=6)
+    score_psnr, exact = autoencoder_scores(_NoisyIdentity(0.0), data, n=6, batch_size=4)
+    assert score_psnr > 40 and exact.total == 6 and exact.overall == 1.0  # real shapes, reconstructed exactly
+    noisy_psnr, _ = autoencoder_scores(_NoisyIdentity(0.1), data, n=6, batch_size=4)
+    assert noisy_psnr == pytest.approx(autoencoder_psnr(_NoisyIdentity(0.1), data, n=6, batch_size=4))
+    _, blank = autoencoder_scores(_NoisyIdentity(-5.0), data, n=6, batch_size=4)  # everything decodes to black
+    assert blank.overall == 0.0
