@@ -48,8 +48,8 @@ def original_p_losses(model, x_start, t, cond=None):
     noise = torch.randn_like(x_start)
     x_noisy = model.q_sample(x_start=x_start, t=t, noise=noise)
     model_output = model.apply_model(x_noisy, t, cond)
-    a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    target = {"eps": noise, "x0": x_start, "v": a.sqrt() * noise - (1 - a).sqrt() * x_start}[model.parameterization]
+    target = {"eps": lambda: noise, "x0": lambda: x_start,
+              "v": lambda: model.get_v(x_start, noise, t)}[model.parameterization]()
     if model.loss_type == "l1":
         loss_per_sample = (target - model_output).abs().mean(dim=[1, 2, 3])
     else:
