@@ -27,6 +27,7 @@ setup(
             "pytest>=7",
             "pytest-xdist",
             "diffusers>=0.30",
+            "k-diffusion",  # reference samplers and schedules for the tests (tests/sampling/conftest.py)
             "transformers",
             "nbformat",
             "nbclient",

@@ -32,19 +32,15 @@ class Denoiser:
         self.clip_x0 = clip_x0
         self.x0_fn = x0_fn
 
-    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t broadcast against `like`, on its device, in float32."""
-        return self.schedule.alpha_bar(t.cpu(), like.ndim, torch.float64).to(like.device, torch.float32)
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
         """Predict x0 and eps for x at integer timesteps t (one per batch element)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         out = self.model_fn(x, t).float()
-        a = self.alpha_bar(t, x)
-        pred = to_prediction(self.parameterization, out, x.float(), a)
+        alpha, sigma = self.schedule.coefficients(t.cpu(), x.float())
+        pred = to_prediction(self.parameterization, out, x.float(), alpha, sigma, self.schedule.sigma_data)
         if self.clip_x0 or self.x0_fn is not None:
             x0 = pred.x0.clamp(-1, 1) if self.clip_x0 else pred.x0
             x0 = self.x0_fn(x0) if self.x0_fn is not None else x0
-            pred = Prediction(x0, (x.float() - a.sqrt() * x0) / (1 - a).sqrt())
+            pred = Prediction(x0, (x.float() - alpha * x0) / sigma)
         return pred

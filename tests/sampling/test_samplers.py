@@ -34,7 +34,7 @@ def gaussian_model(schedule: NoiseSchedule, parameterization: str, std: float = 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = schedule.alpha_bar(t, x.ndim)
         x0 = MU + a.sqrt() * std**2 / (a * std**2 + 1 - a) * (x - a.sqrt() * MU)
-        return training_target(parameterization, x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), a)
+        return training_target(parameterization, x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), a.sqrt(), (1 - a).sqrt())
 
     return Denoiser(fn, schedule, parameterization)
 

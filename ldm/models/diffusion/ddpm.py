@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
-from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
+from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
 from ldm.sampling.loss import build_diffusion_loss, check_loss_type, elementwise_loss
 from ldm.sampling.parameterization import to_prediction
+from ldm.sampling.schedule import build_schedule
 from ldm.sampling.samplers import ddpm_ancestral
 from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
 
@@ -78,6 +79,7 @@ class DDPM(pl.LightningModule):
         ucg_training: Any = None,
         reset_ema: bool = False,
         reset_num_ema_updates: bool = False,
+        process_config: Any = None,
         loss_config: Any = None,
     ):
         super().__init__()
@@ -110,7 +112,8 @@ class DDPM(pl.LightningModule):
         self.make_it_fit = make_it_fit
         self.loss_type = loss_type
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                               process_config=process_config)
         self.learn_logvar = learn_logvar
         logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
@@ -132,28 +135,36 @@ class DDPM(pl.LightningModule):
 
     # ------------------------------------------------------------------ schedule
     def register_schedule(self, given_betas: Any = None, beta_schedule: str = "linear", timesteps: int = 1000,
-                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
-        """Build the NoiseSchedule and register its tensors under the original buffer names."""
-        self.schedule = NoiseSchedule.from_config(
-            beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, v_posterior=self.v_posterior
-        )
+                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
+                          process_config: Any = None) -> None:
+        """Build the model's one schedule (`process_config`, default the discrete VP schedule of the beta
+        parameters) and register its tensors under the original buffer names, which checkpoints hold."""
+        self.schedule = build_schedule(process_config, beta_schedule=beta_schedule, timesteps=timesteps,
+                                       linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                                       given_betas=given_betas, v_posterior=self.v_posterior)
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
         for name, value in buffers.items():
             self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+
+    def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
+        parameterizations (and processes) the original had no VLB weight for."""
+        if not buffers or self.parameterization not in ("eps", "x0"):
+            return torch.ones(self.num_timesteps)
         betas, alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
-        # VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them
         if self.parameterization == "eps":
             lvlb = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - alphas_cumprod))
-        elif self.parameterization == "x0":
-            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         else:
-            lvlb = torch.ones_like(betas)
+            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         lvlb[0] = lvlb[1]
-        self.register_buffer("lvlb_weights", lvlb, persistent=False)
-        if torch.isnan(self.lvlb_weights).any():
-            raise ValueError("the noise schedule gives NaN VLB weights")
+        if not torch.isfinite(lvlb[-1]):  # zero terminal SNR: beta_T = 1, the weight's (1 - beta) vanishes
+            lvlb[-1] = lvlb[-2]
+        if not torch.isfinite(lvlb).all():
+            raise ValueError("the noise schedule gives non-finite VLB weights")
+        return lvlb
 
     # ------------------------------------------------------------------ checkpoints and EMA
     @contextmanager
@@ -198,29 +209,31 @@ class DDPM(pl.LightningModule):
 
     # ------------------------------------------------------------------ the process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample from q(x_t | x_0)."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        a = self.alphas_cumprod[t].reshape(-1, *((1,) * (x_start.ndim - 1)))
-        return a.sqrt() * x_start + (1 - a).sqrt() * noise
+        """Sample from q(x_t | x_0) (the schedule's forward process)."""
+        return self.schedule.q_sample(x_start, t, noise)
 
-    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod[t].reshape(-1, *((1,) * (like.ndim - 1))).to(like.dtype)
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of the process at timesteps t, broadcast against `like`."""
+        return self.schedule.coefficients(t, like)
+
+    def _prediction(self, parameterization: str, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        return to_prediction(parameterization, output, x_t, *self._alpha_sigma(t, x_t), self.schedule.sigma_data)
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and eps."""
-        return to_prediction("eps", noise, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("eps", noise, x_t, t).x0
 
     def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("v", v, x_t, t).x0
 
     def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).eps
+        return self._prediction("v", v, x_t, t).eps
 
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The v target for clean x noised with `noise` at t."""
-        return training_target("v", x, noise, self._alpha_bar(t, x))
+        return training_target("v", x, noise, *self._alpha_sigma(t, x))
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
