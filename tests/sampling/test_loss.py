@@ -1,5 +1,6 @@
 """The loss parts against their references: min-SNR-gamma (Hang et al. 2023, and diffusers' formula),
-the SD3 timestep densities (Esser et al. 2024, eqs. 19-20), offset noise (Guttenberg 2023)."""
+the SD3 timestep densities (Esser et al. 2024, eqs. 19-20, with the flow shift of eq. 23), EDM's log-normal
+sigma, weighting and training loss (Karras et al. 2022; k-diffusion's Denoiser.loss), offset noise (Guttenberg 2023)."""
 import math
 
 import pytest
@@ -7,11 +8,12 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from ldm.models.diffusion.ddpm import DDPM
 from ldm.sampling.loss import (
-    DiffusionLoss, EDMWeighting, LogitNormalTimesteps, MinSNRWeighting, ModeTimesteps, UniformTimesteps,
-    UnitWeighting, build_diffusion_loss, offset_noise,
+    DiffusionLoss, EDMLogNormalSigmas, EDMWeighting, LogitNormalTimesteps, MinSNRWeighting, ModeTimesteps,
+    UniformTimesteps, UnitWeighting, build_diffusion_loss, offset_noise,
 )
-from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.schedule import EDMSchedule, FlowSchedule, NoiseSchedule
 from ldm.util import ConfigError
 
 SCHEDULE = NoiseSchedule.from_config("linear", 1000, 0.00085, 0.012)
@@ -19,13 +21,13 @@ QUANTILES = torch.tensor([0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
 
 
 class FakeModel(torch.nn.Module):
-    """The Trainee protocol over a NoiseSchedule, with a network that returns fixed outputs."""
+    """The Trainee protocol over a schedule, with a network that returns fixed outputs."""
 
-    def __init__(self, parameterization, output):
+    def __init__(self, parameterization, output, schedule=SCHEDULE):
         super().__init__()
-        self.schedule, self.parameterization, self.output = SCHEDULE, parameterization, output
-        self.logvar = torch.zeros(SCHEDULE.num_timesteps)
-        self.lvlb_weights = torch.ones(SCHEDULE.num_timesteps)
+        self.schedule, self.parameterization, self.output = schedule, parameterization, output
+        self.logvar = torch.zeros(schedule.num_timesteps)
+        self.lvlb_weights = torch.ones(schedule.num_timesteps)
 
     def q_sample(self, x_start, t, noise=None):
         return self.schedule.q_sample(x_start, t, noise)
@@ -57,25 +59,42 @@ def test_min_snr_weights_equal_diffusers_formula(parameterization):
     assert not torch.allclose(ours, torch.ones_like(ours))  # the weighting is not the unit one
 
 
-@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
-def test_min_snr_loss_is_the_papers_weighted_x0_loss(parameterization):
+def x0_from_output(parameterization, out, x_t, alpha, sigma, sigma_data=0.5):
+    """x0_hat from a network output, written out per parameterization (the papers' definitions)."""
+    if parameterization == "eps":
+        return (x_t - sigma * out) / alpha
+    if parameterization == "x0":
+        return out
+    if parameterization == "v":  # VP: alpha^2 + sigma^2 = 1 (Salimans & Ho 2022)
+        return alpha * x_t - sigma * out
+    if parameterization == "flow":  # x_t = (1 - t) x0 + t eps, u = eps - x0
+        return x_t - sigma * out
+    s = sigma  # edm, alpha = 1 (Karras et al. 2022, Table 1)
+    return sigma_data**2 / (s**2 + sigma_data**2) * x_t + s * sigma_data / (s**2 + sigma_data**2) ** 0.5 * out
+
+
+@pytest.mark.parametrize("parameterization,schedule", [
+    ("eps", SCHEDULE), ("x0", SCHEDULE), ("v", SCHEDULE), ("flow", FlowSchedule(shift=3.0)), ("edm", EDMSchedule()),
+])
+def test_min_snr_loss_is_the_papers_weighted_x0_loss(parameterization, schedule):
     """Hang et al. 2023, eq. 8: L = min(SNR_t, gamma) * ||x0_hat - x0||^2, whatever the model predicts."""
     torch.manual_seed(0)
-    t = torch.tensor([0, 3, 40, 250, 600, 999])
+    t = torch.tensor([0, 3, 40, 250, 600, 998])
+    if not isinstance(schedule, NoiseSchedule):
+        t = t.float() + 0.25  # fractional grid indices of a continuous process
     x0, noise, out = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
     loss, logs = DiffusionLoss(loss_weighting_config=MinSNRWeighting(gamma=5.0))(
-        FakeModel(parameterization, out), x0, t, noise=noise)
-    ab = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    x_t = ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()
-    x0_hat = {"eps": (x_t - (1 - ab).sqrt() * out.double()) / ab.sqrt(), "x0": out.double(),
-              "v": ab.sqrt() * x_t - (1 - ab).sqrt() * out.double()}[parameterization]
-    snr = ab.flatten() / (1 - ab.flatten())
+        FakeModel(parameterization, out, schedule), x0, t, noise=noise)
+    alpha, sigma = (c.reshape(-1, 1, 1, 1) for c in schedule.alpha_sigma(schedule.t_to_sigma(t)))
+    x_t = alpha * x0.double() + sigma * noise.double()
+    x0_hat = x0_from_output(parameterization, out.double(), x_t, alpha, sigma)
+    snr = (alpha / sigma).flatten() ** 2
     expected = (torch.minimum(snr, torch.tensor(5.0)) * (x0_hat - x0.double()).pow(2).mean(dim=(1, 2, 3))).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs["train/loss_simple"].item() == pytest.approx(expected.item(), rel=1e-5)
-    # the VLB term keeps the unweighted per-sample loss
-    assert logs["train/loss_vlb"].item() == pytest.approx((out - {"eps": noise, "x0": x0, "v": (
-        ab.sqrt() * noise - (1 - ab).sqrt() * x0).float()}[parameterization]).pow(2).mean().item(), rel=1e-5)
+    if parameterization in ("eps", "x0", "v"):  # the VLB term keeps the unweighted per-sample loss
+        target = {"eps": noise, "x0": x0, "v": (alpha * noise - sigma * x0).float()}[parameterization]
+        assert logs["train/loss_vlb"].item() == pytest.approx((out - target).pow(2).mean().item(), rel=1e-5)
 
 
 def test_edm_weighting_is_karras_lambda():
@@ -194,3 +213,65 @@ def test_configs_build_the_parts_and_name_mistakes():
         DiffusionLoss(sigma_sampler_config={"target": "ldm.sampling.loss.MinSNRWeighting"})
     with pytest.raises(ValueError, match="loss_type 'l3' unknown"):
         DiffusionLoss(loss_type="l3")
+
+
+def test_edm_sigma_sampler_is_log_normal_and_maps_onto_every_schedule():
+    sampler = EDMLogNormalSigmas()
+    sigma = sampler.sigmas(200_000, generator=torch.Generator().manual_seed(0))
+    log = sigma.log()
+    assert log.mean().item() == pytest.approx(-1.2, abs=0.01) and log.std().item() == pytest.approx(1.2, abs=0.01)
+    normal = torch.distributions.Normal(0.0, 1.0).icdf(QUANTILES)
+    torch.testing.assert_close(log.quantile(QUANTILES), -1.2 + 1.2 * normal, atol=0.02, rtol=0)
+    edm = EDMSchedule()
+    t = sampler(4096, edm, generator=torch.Generator().manual_seed(1))  # fractional indices of the EDM grid
+    expected = sampler.sigmas(4096, generator=torch.Generator().manual_seed(1)).double()
+    assert t.is_floating_point()
+    torch.testing.assert_close(edm.t_to_sigma(t.double()), expected, rtol=2e-5, atol=0)
+    t_vp = sampler(4096, SCHEDULE, generator=torch.Generator().manual_seed(1))  # the nearest discrete timestep
+    assert t_vp.dtype == torch.long and 0 <= t_vp.min() and t_vp.max() <= 999
+    nearest = (SCHEDULE.log_sigmas[None] - expected.clamp(max=SCHEDULE.sigma_max).log()[:, None]).abs().argmin(1)
+    assert torch.equal(t_vp, nearest)
+
+
+def test_logit_normal_on_a_flow_schedule_is_shifted_as_sd3():
+    schedule = FlowSchedule(shift=3.0)
+    sampler = LogitNormalTimesteps()
+    t = sampler(200_000, schedule, generator=torch.Generator().manual_seed(2))
+    flow_time = schedule.alpha_sigma(schedule.t_to_sigma(t.double()))[1]  # x_t = (1 - t') x0 + t' eps
+    u = sampler.unit(200_000, generator=torch.Generator().manual_seed(2)).double()  # the same draws on (0, 1)
+    torch.testing.assert_close(flow_time, 3.0 * u / (1 + 2.0 * u), rtol=1e-6, atol=1e-6)  # SD3 eq. 23, shift 3
+    assert flow_time.median().item() == pytest.approx(0.75, abs=4e-3)  # the shifted median: 3 * 0.5 / 2
+    x0, noise = torch.randn(8, 4, 2, 2), torch.randn(8, 4, 2, 2)
+    k = t[:8]
+    tk = flow_time[:8].float().reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(schedule.q_sample(x0, k, noise), (1 - tk) * x0 + tk * noise)
+
+
+def test_edm_loss_equals_k_diffusion_denoiser_loss(kd):
+    """EDM training (EDMSchedule, edm parameterization, log-normal sigma, EDM weighting) gives k-diffusion's
+    layers.Denoiser.loss on the same inner network, input, sigma and noise."""
+    torch.manual_seed(0)
+    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[],
+                           num_res_blocks=1, channel_mult=[1, 2], num_heads=4)}
+    loss_config = {"target": "ldm.sampling.loss.DiffusionLoss",
+                   "params": {"sigma_sampler_config": {"target": "ldm.sampling.loss.EDMLogNormalSigmas"},
+                              "loss_weighting_config": {"target": "ldm.sampling.loss.EDMWeighting"}}}
+    model = DDPM(unet_config=unet, image_size=8, channels=3, monitor=None, use_ema=False, parameterization="edm",
+                 process_config={"target": "ldm.sampling.schedule.EDMSchedule", "params": {"sigma_data": 0.5}},
+                 loss_config=loss_config)
+    with torch.no_grad():  # the UNet's output layer starts at zero: give it something to say
+        for p in model.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x0, noise = torch.randn(6, 3, 8, 8) * 0.5, torch.randn(6, 3, 8, 8)
+    sigma = model.diffusion_loss.sampler.sigmas(6, generator=torch.Generator().manual_seed(0))
+    t = model.diffusion_loss.sampler(6, model.schedule, generator=torch.Generator().manual_seed(0))
+    ours, logs = model.p_losses(x0, t, noise=noise)
+    # k-diffusion's inner model takes sigma; ours takes c_noise = ln(sigma) / 4 (EDM, Table 1)
+    reference = kd.layers.Denoiser(lambda x, s: model.apply_model(x, s.log() / 4), sigma_data=0.5)
+    per_sample = reference.loss(x0, noise, sigma)
+    torch.testing.assert_close(ours, per_sample.mean(), rtol=1e-5, atol=0)
+    assert 0.05 < ours.item() < 50 and "train/loss_simple" in logs
+    # the EDM weighting on the network output F is k-diffusion's 'karras' weighting (ones): lambda * c_out^2 = 1
+    c_out = sigma.double() * 0.5 / (sigma.double() ** 2 + 0.25) ** 0.5
+    torch.testing.assert_close(EDMWeighting()(sigma.double(), c_out), torch.ones(6, dtype=torch.float64))
