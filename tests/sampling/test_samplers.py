@@ -151,7 +151,7 @@ def test_temperature_and_noise_dropout(name: str, options: dict, dropout: float)
     assert torch.equal(cold[0], cold[1]) and not torch.allclose(cold[0], warm)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_ancestral", "dpmpp_2m"])
 def test_an_infinite_first_level_is_the_limit_of_a_finite_one(name: str) -> None:
     """From pure noise (flow at t = 1) the first step is the limit sigma_max -> inf of the finite one."""
     denoise, x_T = nonlinear(FLOW, "flow"), noise_like()
