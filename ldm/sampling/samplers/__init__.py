@@ -44,6 +44,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("ddpm.ddpm", True, "leading", "zero", None, "DDPMScheduler", None),
     "dpmpp_2m": SamplerSpec("dpm_solver.dpmpp_2m", False, "karras", "zero", "sample_dpmpp_2m",
                             "DPMSolverMultistepScheduler(use_karras_sigmas=True)", "DPM++ 2M Karras"),
+    "euler": SamplerSpec("euler.euler", False, "karras", "zero", "sample_euler", "EulerDiscreteScheduler", "Euler"),
+    "euler_ancestral": SamplerSpec("euler.euler_ancestral", True, "karras", "zero", "sample_euler_ancestral",
+                                   "EulerAncestralDiscreteScheduler", "Euler a"),
+    "heun": SamplerSpec("euler.heun", False, "karras", "zero", "sample_heun", "HeunDiscreteScheduler", "Heun"),
+    "dpm2": SamplerSpec("euler.dpm2", False, "karras", "zero", "sample_dpm_2", "KDPM2DiscreteScheduler", "DPM2"),
+    "dpm2_ancestral": SamplerSpec("euler.dpm2_ancestral", True, "karras", "zero", "sample_dpm_2_ancestral",
+                                  "KDPM2AncestralDiscreteScheduler", "DPM2 a"),
+    "lms": SamplerSpec("lms.lms", False, "karras", "zero", "sample_lms", "LMSDiscreteScheduler", "LMS"),
 }
 
 ALIASES = {"dpm": "dpmpp_2m", "dpm_solver": "dpmpp_2m"}
