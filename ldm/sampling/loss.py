@@ -58,12 +58,8 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, m
     raise AssertionError("unreachable")
 
 
-def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """A [B] tensor reshaped to broadcast over an `ndim`-dimensional batch."""
-    return values.reshape(-1, *((1,) * (ndim - 1)))
-
-
-def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None, normal: bool) -> torch.Tensor:
+def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None,
+          normal: bool) -> torch.Tensor:
     """Standard normal or uniform [0, 1) draws; with a generator, drawn on the generator's device and moved."""
     draw = torch.randn if normal else torch.rand
     if generator is None:
