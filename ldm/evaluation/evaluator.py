@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from ldm.evaluation.clip_score import ClipScore, resolve_clip_model
-from ldm.evaluation.common import FIDELITY_METRICS, FIRST_STAGE_METRICS, EvaluationError, metric_name
-from ldm.evaluation.features import FEATURE_DIMS, POOL, InceptionFeatures, hwc_to_uint8, to_uint8
+from ldm.evaluation.common import (DEFAULT_LAYER, FIDELITY_METRICS, FIRST_STAGE_METRICS, EvaluationError,
+                                   metric_name)
+from ldm.evaluation.features import FEATURE_DIMS, InceptionFeatures, hwc_to_uint8, to_uint8
 from ldm.evaluation.fidelity import FeatureStatistics, FidelityOptions, Scores, fid_from_statistics, fidelity_scores
 from ldm.evaluation.first_stage import (build_lpips_metric, mean_scores, per_image_scores, reconstruct,
                                         resolve_vgg_weights)
@@ -53,6 +54,7 @@ class Evaluator:
     cache: StatsCache | None = None
     progress: bool = True
     flags: WeightFlags = field(default_factory=WeightFlags)
+    feature_layer: str = DEFAULT_LAYER  # torch-fidelity's feature_layer_fid/kid/prc: 64, 192, 768 or 2048
 
     def __post_init__(self) -> None:
         self.metrics = list(self.metrics)
@@ -73,7 +75,7 @@ class Evaluator:
         if self.inception is None:
             raise ValueError("no Inception-based metric was asked for")
         if self._extractor is None or self._extractor.device != torch.device(self.device):
-            self._extractor = InceptionFeatures(self.inception, self.device)
+            self._extractor = InceptionFeatures(self.inception, self.device, self.feature_layer)
         return self._extractor
 
     @property
@@ -146,11 +148,11 @@ class Evaluator:
                     xrec = reconstruct(model, x)
                 row = per_image_scores(x, xrec, wanted, self.lpips if "lpips" in wanted else None)
                 if "rfid" in self.metrics:
-                    row[RECON + POOL] = self.extractor(to_uint8(xrec))[POOL]
-                    row[INPUT + POOL] = self.extractor(to_uint8(x))[POOL]
+                    row[RECON + self.feature_layer] = self.extractor(to_uint8(xrec))[self.feature_layer]
+                    row[INPUT + self.feature_layer] = self.extractor(to_uint8(x))[self.feature_layer]
                 rows.append(row)
                 bar.update(len(batch))
-        names = wanted + ([RECON + POOL, INPUT + POOL] if "rfid" in self.metrics else [])
+        names = wanted + ([RECON + self.feature_layer, INPUT + self.feature_layer] if "rfid" in self.metrics else [])
         return _cat(rows, names)
 
     # ---- scores from all rows --------------------------------------------------------------------------
@@ -159,18 +161,19 @@ class Evaluator:
         """Statistics of real images: from the cache when it holds them for (data fingerprint, resize mode,
         weights, n), else `compute()` -> features (then cached)."""
         def build() -> FeatureStatistics:
-            return FeatureStatistics.from_features(compute()[POOL])
+            return FeatureStatistics.from_features(compute()[self.feature_layer])
 
         if self.cache is None:
             return build()
-        return self.cache.get(self.cache.key(data, resize, self.inception.sha256, n), build)
+        extractor = f"{self.inception.sha256}:{self.feature_layer}"
+        return self.cache.get(self.cache.key(data, resize, extractor, n), build)
 
     def generation_scores(self, rows: Mapping[str, torch.Tensor], real: FeatureStatistics | None,
                           n: int, suffix: str = "") -> Scores:
         """FID/KID/PRC/IS of the generated rows against the real statistics, and the CLIP score."""
         scores = Scores()
         if self.fidelity_metrics:
-            scores.update(fidelity_scores(rows, real, self.fidelity_metrics, self.options, suffix))
+            scores.update(fidelity_scores(rows, real, self.fidelity_metrics, self.options, suffix, self.feature_layer))
         if "clip" in self.metrics:
             scores.values.update(self.clip.compute(n, suffix))
             self.clip.reset()
@@ -180,9 +183,9 @@ class Evaluator:
         """rFID and mean PSNR/SSIM/LPIPS from reconstruction rows."""
         scores = Scores(values=mean_scores({m: rows[m] for m in ("psnr", "ssim", "lpips") if m in rows}, suffix))
         if "rfid" in self.metrics:
-            recon, inputs = rows[RECON + POOL], rows[INPUT + POOL]
+            recon, inputs = rows[RECON + self.feature_layer], rows[INPUT + self.feature_layer]
             fid = fid_from_statistics(FeatureStatistics.from_features(recon), FeatureStatistics.from_features(inputs))
-            scores.values[metric_name("rfid", len(recon), suffix)] = fid
+            scores.values[metric_name("rfid", len(recon), suffix, self.feature_layer)] = fid
         return scores
 
     def check_metrics_for(self, autoencoder: bool, where: str = "--metrics") -> None:
@@ -201,6 +204,6 @@ def _cat(rows: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> di
     """Rows of several batches concatenated per name (zero rows of the right width when there are none)."""
     if rows:
         return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
-    widths = {**FEATURE_DIMS, RECON + POOL: FEATURE_DIMS[POOL], INPUT + POOL: FEATURE_DIMS[POOL]}
+    widths = {**FEATURE_DIMS, **{prefix + layer: dim for prefix in (RECON, INPUT) for layer, dim in FEATURE_DIMS.items()}}
     return {name: torch.zeros((0, widths[name])) if name in widths else torch.zeros(0, dtype=torch.float64)
             for name in names}

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 EXTRACTOR_NAME = "inception-v3-compat"  # torch-fidelity's registry name of FeatureExtractorInceptionV3
 POOL, LOGITS = "2048", "logits_unbiased"  # the layers FID/KID/PRC and IS read
-FEATURE_DIMS = {POOL: 2048, LOGITS: 1008}
+FEATURE_DIMS = {"64": 64, "192": 192, "768": 768, POOL: 2048, LOGITS: 1008}
+LAYERS = ("64", "192", "768", POOL)  # torch-fidelity's feature_layer_fid choices
 IMAGE_EXTENSIONS = "png,jpg,jpeg"  # torch-fidelity's default
 
 
@@ -50,7 +51,7 @@ class InceptionFeatures:
     has a zero fc); only then are the logits extracted and the Inception Score computable.
     """
 
-    def __init__(self, weights: InceptionWeights, device: torch.device | str = "cpu"):
+    def __init__(self, weights: InceptionWeights, device: torch.device | str = "cpu", layer: str = POOL):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights = weights
@@ -58,7 +59,10 @@ class InceptionFeatures:
         state = self._read_state(weights)
         fc = state.get("fc.weight")
         self.classifier_available = isinstance(fc, torch.Tensor) and bool(fc.abs().sum() > 0)
-        layers = [POOL, LOGITS] if self.classifier_available else [POOL]
+        if layer not in LAYERS:
+            raise EvaluationError(f"feature layer '{layer}': expected one of {list(LAYERS)}")
+        self.layer = layer
+        layers = [layer, LOGITS] if self.classifier_available else [layer]
         try:
             extractor = FeatureExtractorInceptionV3(EXTRACTOR_NAME, layers,
                                                     feature_extractor_weights_path=weights.path, verbose=False)
@@ -103,7 +107,7 @@ class InceptionFeatures:
                 for name, value in self(batch).items():
                     parts[name].append(value)
                 bar.update(len(batch))
-        if len(parts[POOL]) == 1 and not allow_empty:
+        if len(parts[self.layer]) == 1 and not allow_empty:
             raise EvaluationError(f"{desc}: no images to extract features from")
         return {name: torch.cat(values) for name, values in parts.items()}
 

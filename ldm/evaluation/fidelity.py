@@ -16,15 +16,15 @@ processes be combined exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ldm.evaluation.common import EvaluationError, metric_name
-from ldm.evaluation.features import LOGITS, POOL
+from ldm.evaluation.common import DEFAULT_LAYER, EvaluationError, metric_name
+from ldm.evaluation.features import LOGITS
 
 logger = logging.getLogger(__name__)
 
@@ -85,27 +85,31 @@ class FeatureStatistics:
 
 
 def fidelity_scores(generated: Mapping[str, torch.Tensor], real: FeatureStatistics, metrics: Sequence[str],
-                    options: FidelityOptions | None = None, suffix: str = "") -> Scores:
+                    options: FidelityOptions | None = None, suffix: str = "", layer: str = DEFAULT_LAYER) -> Scores:
     """FID / KID / PRC / IS (those of `metrics` among fid, kid, prc, isc) of generated features against real ones.
 
-    `generated` maps layer names to features (`2048`, and `logits_unbiased` when available); names carry the
+    `generated` maps layer names to features (`layer`, and `logits_unbiased` when available); names carry the
     generated sample count, `suffix` is added to each metric (e.g. `floor`: `fid_floor@1k`).
     """
     options = options or FidelityOptions()
-    pool = generated[POOL].float().cpu()
+    pool = generated[layer].float().cpu()
     n = len(pool)
     scores = Scores()
+
+    def name(metric: str) -> str:
+        return metric_name(metric, n, suffix, layer)
+
     if n < 2:
         raise EvaluationError(f"FID/KID/PRC need at least 2 generated images, got {n}")
     if "fid" in metrics:
-        scores.values[metric_name("fid", n, suffix)] = fid_from_statistics(FeatureStatistics.from_features(pool), real)
+        scores.values[name("fid")] = fid_from_statistics(FeatureStatistics.from_features(pool), real)
     if "kid" in metrics:
-        scores.values.update(_kid(pool, real.features, options, n, suffix))
+        scores.values.update(_kid(pool, real.features, options, name))
     if "prc" in metrics:
-        scores.values.update(_prc(pool, real.features, options, n, suffix))
+        scores.values.update(_prc(pool, real.features, options, name))
     if "isc" in metrics:
         if LOGITS in generated:
-            scores.values.update(_isc(generated[LOGITS], options, n, suffix))
+            scores.values.update(_isc(generated[LOGITS], options, lambda metric: metric_name(metric, n, suffix)))
         else:
             scores.unavailable[metric_name("isc", n, suffix)] = IS_UNAVAILABLE
     return scores
@@ -119,7 +123,10 @@ def fid_from_statistics(a: FeatureStatistics, b: FeatureStatistics) -> float:
                                           verbose=False)[KEY_METRIC_FID])
 
 
-def _kid(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, n: int, suffix: str) -> dict:
+Name = Callable[[str], str]  # metric -> its full name (count, suffix, layer)
+
+
+def _kid(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, name: Name) -> dict:
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     subset = min(options.kid_subset_size, len(generated), len(real))
@@ -127,11 +134,10 @@ def _kid(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, 
         logger.info("KID: subsets of %d (fewer images than kid_subset_size %d)", subset, options.kid_subset_size)
     out = kid_features_to_metric(generated, real, kid_subsets=options.kid_subsets, kid_subset_size=subset,
                                  rng_seed=options.rng_seed, verbose=False)
-    return {metric_name("kid", n, suffix): float(out[KEY_METRIC_KID_MEAN]),
-            metric_name("kid_std", n, suffix): float(out[KEY_METRIC_KID_STD])}
+    return {name("kid"): float(out[KEY_METRIC_KID_MEAN]), name("kid_std"): float(out[KEY_METRIC_KID_STD])}
 
 
-def _prc(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, n: int, suffix: str) -> dict:
+def _prc(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, name: Name) -> dict:
     from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                            prc_features_to_metric)
 
@@ -140,14 +146,13 @@ def _prc(generated: torch.Tensor, real: torch.Tensor, options: FidelityOptions, 
         raise EvaluationError(f"precision/recall with {k} neighbours needs more than {k} images in each set, got "
                               f"{len(generated)} generated and {len(real)} real")
     out = prc_features_to_metric(generated, real, prc_neighborhood=k, verbose=False)
-    return {metric_name(name, n, suffix): float(out[key]) for name, key in
+    return {name(metric): float(out[key]) for metric, key in
             (("precision", KEY_METRIC_PRECISION), ("recall", KEY_METRIC_RECALL), ("f_score", KEY_METRIC_F_SCORE))}
 
 
-def _isc(logits: torch.Tensor, options: FidelityOptions, n: int, suffix: str) -> dict:
+def _isc(logits: torch.Tensor, options: FidelityOptions, name: Name) -> dict:
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-    splits = min(options.isc_splits, n)
+    splits = min(options.isc_splits, len(logits))
     out = isc_features_to_metric(logits.float().cpu(), splits=splits, shuffle=True, rng_seed=options.rng_seed)
-    return {metric_name("isc", n, suffix): float(out[KEY_METRIC_ISC_MEAN]),
-            metric_name("isc_std", n, suffix): float(out[KEY_METRIC_ISC_STD])}
+    return {name("isc"): float(out[KEY_METRIC_ISC_MEAN]), name("isc_std"): float(out[KEY_METRIC_ISC_STD])}

@@ -62,7 +62,8 @@ class EvaluationCallback(Callback):
                  scale: float = 1.0, eta: float = 0.0, metrics: Sequence[str] | None = None, batch_size: int = 16,
                  seed: int = 0, log_floor: bool = True, inception_weights: str | None = None,
                  lpips_vgg_weights: str | None = None, clip_model: str | None = None, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, prefix: str = "val", progress: bool = False):
+                 kid_subset_size: int = 1000, feature_layer: str = "2048", prefix: str = "val",
+                 progress: bool = False):
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("n_samples", n_samples), ("batch_size", batch_size)):
             if int(value) < 1:
@@ -76,6 +77,7 @@ class EvaluationCallback(Callback):
         self.seed, self.log_floor, self.prefix, self.progress = int(seed), bool(log_floor), prefix, progress
         self.weights = (inception_weights, lpips_vgg_weights, clip_model)
         self.options = FidelityOptions(kid_subsets=int(kid_subsets), kid_subset_size=int(kid_subset_size))
+        self.feature_layer = str(feature_layer)
         self.evaluator: Evaluator | None = None
         self.autoencoder = False
         self._real: FeatureStatistics | None = None
@@ -91,7 +93,8 @@ class EvaluationCallback(Callback):
         metrics = self.metrics or list(AUTOENCODER_DEFAULT if self.autoencoder else DIFFUSION_DEFAULT)
         flags = WeightFlags(f"{WHERE} inception_weights", f"{WHERE} lpips_vgg_weights", f"{WHERE} clip_model")
         self.evaluator = Evaluator(metrics, *self.weights, device=pl_module.device, batch_size=self.batch_size,
-                                   options=self.options, progress=self.progress, flags=flags)
+                                   options=self.options, progress=self.progress, flags=flags,
+                                   feature_layer=self.feature_layer)
         self.evaluator.check_metrics_for(self.autoencoder, f"{WHERE} metrics")
         if not self.autoencoder:
             self.spec.check(pl_module, f"{WHERE} sampler")
@@ -145,11 +148,12 @@ class EvaluationCallback(Callback):
             if ev.fidelity_metrics:
                 n_real = min(n, len(validation))
                 self._real = FeatureStatistics.from_features(
-                    self._real_features(trainer, validation, n_real, key, "validation images")["2048"])
+                    self._real_features(trainer, validation, n_real, key, "validation images")[ev.feature_layer])
                 if self.log_floor:
                     train = split_dataset(trainer, "train")
                     floor = self._real_features(trainer, train, min(n_real, len(train)), key, "training images")
-                    scores.update(fidelity_scores(floor, self._real, ev.fidelity_metrics, ev.options, "floor"))
+                    scores.update(fidelity_scores(floor, self._real, ev.fidelity_metrics, ev.options, "floor",
+                                                  ev.feature_layer))
         seeds = [self.seed + i for i in range(n)]
         batches, per_rank = self._shard(trainer, n)
         rows = ev.sample_rows(pl_module, self.spec, seeds, self._conditions or None, batches)
