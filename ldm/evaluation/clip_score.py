@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ldm.evaluation.common import CLIP_ENV, EvaluationError, metric_name
 
@@ -29,6 +30,29 @@ def resolve_clip_model(path: str | os.PathLike | None = None, flag: str = "--cli
                           f"processor): pass {flag} DIR or set {CLIP_ENV}")
 
 
+def _embedding(output: object) -> torch.Tensor:
+    """The projected embedding of get_image/text_features: the tensor itself (transformers < 5) or the output's
+    pooler_output, where transformers >= 5 put the projection."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class EmbeddingCLIP(nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return the projected embeddings as tensors, as
+    torchmetrics' CLIPScore expects them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """Projected image embeddings (B, projection_dim)."""
+        return _embedding(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """Projected caption embeddings (B, projection_dim)."""
+        return _embedding(self.model.get_text_features(*args, **kwargs))
+
+
 class ClipScore:
     """torchmetrics' CLIPScore over a local CLIP folder; `update(images, captions)` per batch, then `compute`."""
 
@@ -37,7 +61,7 @@ class ClipScore:
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            model = CLIPModel.from_pretrained(folder).eval()
+            model = EmbeddingCLIP(CLIPModel.from_pretrained(folder)).eval()
             processor = CLIPProcessor.from_pretrained(folder)
         except (OSError, ValueError, TypeError) as err:
             raise EvaluationError(f"{origin}: '{folder}' is not a CLIP model folder with its processor "
