@@ -104,6 +104,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise inf.ScriptError("one folder given: pass a REFERENCE folder or --data CONFIG for the reference images")
     if len(args.folders) == 2 and args.data:
         raise inf.ScriptError("--data and a REFERENCE folder exclude each other")
+    SamplingSpec(args.sampler).check_name()
 
 
 def make_evaluator(args: argparse.Namespace, metrics: list[str], device: torch.device) -> Evaluator:
@@ -116,11 +117,16 @@ def make_evaluator(args: argparse.Namespace, metrics: list[str], device: torch.d
 
 def load_data(path_or_config: Any, split: str) -> tuple[Any, Any]:
     """(dataset, its config) of `split` in a config file (or an already loaded config)."""
-    from ldm.training.config import load_config
+    from omegaconf import OmegaConf
 
-    config = load_config([path_or_config], [])[0] if isinstance(path_or_config, str) else path_or_config
+    config = path_or_config
+    if isinstance(path_or_config, str):
+        if not os.path.isfile(path_or_config):
+            raise inf.ScriptError(f"--data: config file '{path_or_config}' does not exist")
+        config = OmegaConf.load(path_or_config)
     if "data" not in config:
-        raise inf.ScriptError(f"--data: the config has no 'data' section")
+        raise inf.ScriptError("--data: the config has no 'data' section (expected data: {target: "
+                              "main.DataModuleFromConfig, params: {validation: ...}})")
     data = instantiate_from_config(config.data, path="data")
     splits = list(getattr(data, "dataset_configs", {}))
     if split not in splits:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,7 +101,9 @@ def build_lpips_metric(path: str, origin: str, device: torch.device | str = "cpu
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is the file's fault
         raise EvaluationError(f"{origin}: '{path}' is not a readable torch state dict ({type(err).__name__})") from err
-    model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's `pretrained=` deprecation notice
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     try:
         model.net.load_state_dict(vgg_to_lpips_trunk(state if isinstance(state, Mapping) else {}), strict=True)
     except (RuntimeError, StopIteration, ValueError) as err:
