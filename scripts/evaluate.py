@@ -45,7 +45,8 @@ AUTOENCODER_DEFAULT = ["rfid", "psnr", "ssim"]
 
 def get_parser() -> argparse.ArgumentParser:
     """Inputs (folders, a data config or a model), sampling, metrics, weights and outputs."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     formatter_class=argparse.RawTextHelpFormatter)
     add = parser.add_argument
     add("folders", nargs="*", metavar="FOLDER",
         help="image folders: SAMPLES [REFERENCE] (with one folder the reference is --data)")
