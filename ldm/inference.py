@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
-from ldm.training.config import UsageError, load_config
-from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
+from ldm.errors import UserError
+from ldm.training.config import load_config
+from ldm.util import atomic_path, load_model_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,12 @@ SAMPLERS = ("ddim", "plms", "dpm")
 PRECISIONS = ("autocast", "full", "bf16")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError):
     """A user mistake in a script's flags or inputs; printed as one line `error: ...`, exit status 2."""
 
 
-USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
+# what run_cli and the web UI catch: every user mistake derives from ldm.errors.UserError
+USER_ERRORS = (UserError,)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Any],
@@ -51,7 +53,8 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         body(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        # the command line's own output (as argparse writes its usage errors), not a log record
+        sys.stderr.write(f"error: {message}\n")
         return 2
     return 0
 
@@ -467,7 +470,7 @@ def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Map
         grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
                                     seed=repr(all_seeds), **common)
         written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 
 
