@@ -142,6 +142,21 @@ def default(val: Any, d: Any) -> Any:
     return d() if callable(d) else d
 
 
+def disabled_train(self: Any, mode: bool = True) -> Any:
+    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
+    return self
+
+
+def freeze_module(module: Any) -> Any:
+    """Hold a torch module frozen, as the original holds its first and cond stages: eval mode for good (its
+    `train` is replaced) and requires_grad=False for every parameter. Returns the module."""
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for param in module.parameters():
+        param.requires_grad = False
+    return module
+
+
 def fused_adam_kwargs(params: Sequence[Any]) -> dict[str, bool]:
     """`{"fused": True}` when torch has a fused Adam/AdamW kernel for every parameter (floating point, on CPU or
     CUDA): one kernel for all tensors instead of a Python loop (44 -> 12 ms a step for 4.4 M parameters in 305

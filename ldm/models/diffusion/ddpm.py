@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,21 +22,23 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.roles import CONDITIONING_KEYS, LEGACY_SLOTS, check_conditioning_key, to_roles
 from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers import ddpm_ancestral
-from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
+from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
+    count_params,
+    default,
+    disabled_train,
+    fused_adam_kwargs,
+    instantiate_from_config,
+    load_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 LOSS_TYPES = ("l1", "l2")
-
-
-def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
-    return self
 
 
 def uniform_on_device(r1: float, r2: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -84,8 +87,7 @@ class DDPM(pl.LightningModule):
         self.parameterization = check_parameterization(parameterization)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type '{loss_type}' unknown; expected one of {', '.join(LOSS_TYPES)}")
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        check_conditioning_key(conditioning_key)
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
         self.cond_stage_model = None
         self.clip_denoised = clip_denoised
@@ -311,15 +313,8 @@ class DDPM(pl.LightningModule):
         return self.p_losses(x, t, *args, **kwargs)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
-        """batch[k] as a contiguous float BCHW tensor (datasets give BHWC images)."""
-        if k not in batch:
-            raise KeyError(f"batch has no key '{k}' (keys: {', '.join(map(str, batch))}); check first_stage_key / cond_stage_key")
-        x = batch[k]
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        """The images batch[k] as a float BCHW tensor (see `batch_images`)."""
+        return batch_images(batch, k)
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss on a batch."""
@@ -397,7 +392,7 @@ class DDPM(pl.LightningModule):
         """inputs, diffusion_row (forward process), samples and denoise_row."""
         from ldm.models.diffusion.image_logging import rows_to_grid
 
-        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        x = batch_images(batch, self.first_stage_key)[:N].to(self.device)
         n_row = min(x.shape[0], n_row)
         log = {"inputs": x}
         log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
@@ -419,6 +414,23 @@ class DDPM(pl.LightningModule):
                 ts = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
                 row.append(self.q_sample(x, ts, noise))
         return row
+
+
+def batch_images(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """batch[key] as a contiguous float BCHW tensor (see `images_bchw`)."""
+    if key not in batch:
+        raise KeyError(f"batch has no key '{key}' (keys: {', '.join(map(str, batch))}); check first_stage_key / "
+                       "cond_stage_key")
+    return images_bchw(batch[key])
+
+
+def images_bchw(x: Any) -> torch.Tensor:
+    """Images as datasets give them, BHWC (BHW masks get a channel), as a contiguous float BCHW tensor."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
 
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -443,46 +455,31 @@ def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -
 
 
 class DiffusionWrapper(pl.LightningModule):
-    """Holds the denoising network as `diffusion_model` and routes conditioning into it."""
+    """Holds the denoising network as `diffusion_model` and maps the conditioning onto its inputs — the one place
+    that does: the role dict's `concat` is concatenated to x, `crossattn` is the context, `vector` is y."""
 
-    def __init__(self, diff_model_config: Any, conditioning_key: str | None):
+    def __init__(self, diff_model_config: Any, conditioning_key: Any):
         super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        self.conditioning_key = check_conditioning_key(conditioning_key)
         self.sequential_cross_attn = diff_model_config.pop("sequential_crossattn", False)
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
+
+    def roles(self, cond: Any) -> dict[str, Any]:
+        """The role dict of `cond` in any form (role dict, tensor, list, original c_concat/c_crossattn/c_adm dict),
+        read through this model's conditioning_key (see `ldm.modules.encoders.roles.to_roles`)."""
+        return to_roles(cond, self.conditioning_key, self.sequential_cross_attn)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the network with concat / cross-attention / ADM conditioning as configured."""
-        key = self.conditioning_key
-        if key is None:
-            return self.diffusion_model(x, t)
-        if key in ("concat", "hybrid", "hybrid-adm"):
-            self._require(c_concat, "c_concat")
-            x = torch.cat([x, *c_concat], dim=1)
-        context = None
-        if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm"):
-            self._require(c_crossattn, "c_crossattn")
-            context = list(c_crossattn) if self.sequential_cross_attn else torch.cat(c_crossattn, 1)
-        y = None
-        if key in ("hybrid-adm", "crossattn-adm"):
-            if c_adm is None:
-                raise ValueError(f"conditioning_key '{key}' needs c_adm")
-            y = c_adm
-        if key == "adm":
-            self._require(c_crossattn, "c_crossattn")
-            y = c_crossattn[0]
-        if context is None and y is None:
-            return self.diffusion_model(x, t)
-        if y is None:
-            return self.diffusion_model(x, t, context=context)
-        return self.diffusion_model(x, t, context=context, y=y)
-
-    def _require(self, value: Any, name: str) -> None:
-        if value is None:
-            raise ValueError(f"conditioning_key '{self.conditioning_key}' needs {name}, got None")
+                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None, *, cond: Any = None) -> torch.Tensor:
+        """The network's output for x at t, conditioned on `cond` (any form) or the original keyword slots."""
+        legacy = {slot: value for slot, value in zip(LEGACY_SLOTS, (c_concat, c_crossattn, c_adm)) if value is not None}
+        if cond is not None and legacy:
+            raise ValueError("DiffusionWrapper: pass the conditioning either as cond= or as c_concat/c_crossattn/c_adm")
+        roles = self.roles(cond if cond is not None else legacy or None)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        return self.diffusion_model(x, t, **inputs)
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
