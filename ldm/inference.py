@@ -272,10 +272,11 @@ def check_size(height: int, width: int, multiple: int, flags: tuple[str, str] = 
 
 # ----------------------------------------------------------------------------------------- conditioning
 def is_text_model(model: Any) -> bool:
-    """Whether the model is conditioned on captions."""
+    """Whether the model is conditioned on captions alone (one caption key, read by its cond stage(s))."""
     from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
 
-    return is_conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+    keys = set(getattr(model, "conditioning_input_keys", ()))
+    return is_conditional(model) and len(keys) == 1 and keys <= set(TEXT_KEYS)
 
 
 def is_class_model(model: Any) -> bool:
@@ -291,9 +292,16 @@ def is_conditional(model: Any) -> bool:
 
 
 def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for captions; uc is the empty caption when scale != 1, else None."""
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    """(c, uc) role dicts for captions; uc is the model's null (the empty caption for a single text encoder) when
+    scale != 1, else None."""
+    return guidance_pair(model, {model.conditioning_input_keys[0]: list(prompts)}, len(prompts), scale)
+
+
+def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale: float) -> tuple[Any, Any]:
+    """(c, uc) role dicts for raw conditioning inputs keyed by batch key; uc (None when scale == 1) is the
+    model's null conditioning for classifier-free guidance."""
+    c = model.get_conditioning(inputs)
+    uc = model.guidance_unconditional(c, batch_size, inputs=inputs) if scale != 1.0 else None
     return c, uc
 
 
@@ -308,18 +316,14 @@ def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tup
 
 
 def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
+    """(c, uc) role dicts for class labels; uc is the null class when scale != 1, else None."""
     embedder = model.cond_stage_model
     key = getattr(embedder, "key", model.cond_stage_key)
     n_classes = getattr(embedder, "n_classes", None)
     if n_classes is not None and any(not 0 <= int(label) < n_classes for label in labels):
         raise ScriptError(f"--classes: labels must lie in [0, {n_classes - 1}], got {list(labels)}")
-    c = model.get_learned_conditioning({key: torch.tensor([int(x) for x in labels], device=model.device)})
-    uc = None
-    if scale != 1.0:
-        uc = model.get_unconditional_conditioning(len(labels))
-        uc = model.get_learned_conditioning(uc) if isinstance(uc, Mapping) else uc
-    return c, uc
+    inputs = {key: torch.tensor([int(x) for x in labels], device=model.device)}
+    return guidance_pair(model, inputs, len(labels), scale)
 
 
 # ----------------------------------------------------------------------------------------- samplers
