@@ -469,8 +469,8 @@ class DiffusionWrapper(pl.LightningModule):
         read through this model's conditioning_key (see `ldm.modules.encoders.roles.to_roles`)."""
         return to_roles(cond, self.conditioning_key, self.sequential_cross_attn)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None, *, cond: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None,
+                c_adm: torch.Tensor | None = None, *, cond: Any = None) -> torch.Tensor:
         """The network's output for x at t, conditioned on `cond` (any form) or the original keyword slots."""
         legacy = {slot: value for slot, value in zip(LEGACY_SLOTS, (c_concat, c_crossattn, c_adm)) if value is not None}
         if cond is not None and legacy:

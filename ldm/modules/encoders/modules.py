@@ -68,7 +68,8 @@ class ClassEmbedder(nn.Module):
             )
         return labels
 
-    def forward(self, batch: Mapping[str, Any] | Any, key: str | None = None, disable_dropout: bool = False) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, Any] | Any, key: str | None = None,
+                disable_dropout: bool = False) -> torch.Tensor:
         """Embed `batch[key]` (default `self.key`), or labels given directly (as a conditioner passes its input), to
         [B, 1, embed_dim]."""
         labels = self._labels(batch, key or self.key)

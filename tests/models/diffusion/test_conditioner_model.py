@@ -156,3 +156,61 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 50])
     assert torch.equal(reloaded.apply_model(x, t, reloaded.get_conditioning(batch)),
                        model.apply_model(x, t, model.get_conditioning(batch)))
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoders(tmp_path_factory):
+    """A tiny random CLIP text model folder (with the real CLIP tokenizer) and a tiny open_clip text arch, both
+    32 wide, standing in for CLIP ViT-L/14 and OpenCLIP ViT-H/14."""
+    import json
+
+    import open_clip
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.modules.encoders.modules import write_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("encoders")
+    clip = write_clip_tokenizer(root / "clip")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=2, max_position_embeddings=77)).save_pretrained(clip)
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                            "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "layers": 2, "width": 32, "heads": 2}}
+    (root / "ldm-test-sdxl-style.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(root / "ldm-test-sdxl-style.json")
+    return str(clip), "ldm-test-sdxl-style"
+
+
+def test_the_sdxl_style_config_is_one_conditioner_config(tiny_text_encoders):
+    """configs/latent-diffusion/txt2img-sdxl-style-conditioner.yaml with tiny encoders and UNet: two text
+    encoders joined into one context, CLIP's pooled embedding as the vector, one training step, guidance."""
+    from pathlib import Path
+
+    clip, arch = tiny_text_encoders
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[3] / "configs/latent-diffusion/"
+                         "txt2img-sdxl-style-conditioner.yaml")
+    p = cfg.model.params
+    p.cond_stage_config.params.emb_models[0].params.version = clip
+    p.cond_stage_config.params.emb_models[1].params.update(arch=arch, version=None)
+    p.unet_config.params.update(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2],
+                                num_res_blocks=1, num_head_channels=16, context_dim=64, adm_in_channels=32,
+                                use_checkpoint=False)
+    p.first_stage_config = OmegaConf.create(first_stage())
+    p.update(image_size=8, first_stage_key="image")
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+    batch = {"image": torch.rand(4, 16, 16, 3) * 2 - 1, "txt": captions}
+    c = model.get_conditioning(batch)
+    clip_z, pooled = model.cond_stage_model.embedders[0](captions)
+    assert c["crossattn"].shape == (4, 77, 64) and c["vector"].shape == (4, 32)
+    torch.testing.assert_close(c["crossattn"][..., :32], clip_z)  # CLIP first, OpenCLIP next, along the features
+    torch.testing.assert_close(c["crossattn"][..., 32:], model.cond_stage_model.embedders[1](captions))
+    torch.testing.assert_close(c["vector"], pooled)
+    uc = model.guidance_unconditional(c, 4, inputs=batch)
+    assert not uc["crossattn"].any() and not uc["vector"].any()  # both encoders were trained to drop to zeros
+    model.train()
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.diffusion_model.label_emb[0][0].weight.grad is not None
