@@ -238,16 +238,18 @@ class GeneralConditioner(nn.Module):
     def get_unconditional_conditioning(
         self, batch_c: Mapping[str, Any], batch_uc: Mapping[str, Any] | None = None,
         force_uc_zero_embeddings: Sequence[str] | None = None,
+        force_cond_zero_embeddings: Sequence[str] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(c, uc) for classifier-free guidance, without dropout.
+        """(c, uc) for classifier-free guidance, without dropout; the embedders reading a key of
+        `force_cond_zero_embeddings` give zeros in c.
 
-        With `force_uc_zero_embeddings` (a list of input keys) this is sgm's: uc embeds `batch_uc` (default
-        `batch_c`) except the listed embedders, which give zeros. Without it, uc is the null conditioning the
+        With `force_uc_zero_embeddings` (a list of input keys) uc is sgm's: `batch_uc`'s entries over `batch_c`
+        embedded, except the listed embedders, which give zeros. Without it, uc is the null conditioning the
         embedders were trained to drop to: an embedder with ucg_rate > 0 whose key `batch_uc` does not give
         embeds its legacy_ucg_value or gives zeros; every other embedder embeds the conditional input.
         """
         embedders = list(zip(self.specs, self.embedders))
-        c = embed(embedders, batch_c)
+        c = embed(embedders, batch_c, zeroed=self._reading(force_cond_zero_embeddings or ()))
         uc_batch = dict(batch_c if batch_uc is None else {**batch_c, **batch_uc})
         if force_uc_zero_embeddings is not None:
             return c, embed(embedders, uc_batch, zeroed=self._reading(force_uc_zero_embeddings))

@@ -121,8 +121,9 @@ def test_unconditional_conditioning_is_the_trained_null():
     assert not uc["vector"][:, :8].any()  # zeros for an embedder dropped to zero
     torch.testing.assert_close(uc["vector"][:, 8:], unused(b["size"]))  # an embedder never dropped keeps its input
     # sgm's form: only the listed embedders give zeros, the others embed batch_uc (default batch_c)
-    c2, uc2 = cond.get_unconditional_conditioning(b, force_uc_zero_embeddings=[])
-    torch.testing.assert_close(uc2["crossattn"], c2["crossattn"])
+    c2, uc2 = cond.get_unconditional_conditioning(b, force_uc_zero_embeddings=[], force_cond_zero_embeddings=["cls"])
+    torch.testing.assert_close(uc2["crossattn"], classes(b["cls"]))
+    assert not c2["crossattn"].any()
     _, uc3 = cond.get_unconditional_conditioning(b, {"cls": torch.full((6,), 3)}, force_uc_zero_embeddings=["size"])
     torch.testing.assert_close(uc3["crossattn"], classes(torch.full((6,), 3)))
     assert not uc3["vector"].any()
