@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
-from ldm.modules.encoders.roles import CONDITIONING_KEYS, LEGACY_SLOTS, check_conditioning_key, to_roles
+from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the original ddpm name
+    CONDITIONING_KEYS,
+    LEGACY_SLOTS,
+    check_conditioning_key,
+    to_roles,
+)
 from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers import ddpm_ancestral
@@ -87,48 +92,71 @@ class DDPM(pl.LightningModule):
         self.parameterization = check_parameterization(parameterization)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type '{loss_type}' unknown; expected one of {', '.join(LOSS_TYPES)}")
-        check_conditioning_key(conditioning_key)
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
         self.cond_stage_model = None
+        self._set_data_options(first_stage_key, image_size, channels, log_every_t, clip_denoised,
+                               use_positional_encodings)
+        self._build_model(unet_config, conditioning_key, use_ema)
+        self._set_optimization_options(scheduler_config, monitor, make_it_fit)
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self._init_logvar(learn_logvar, logvar_init)
+        self.ucg_training = dict(ucg_training or {})
+        self.ucg_prng = np.random.RandomState()
+        self._restore_from_checkpoint(ckpt_path, ignore_keys, load_only_unet, reset_ema, reset_num_ema_updates)
+
+    def _set_data_options(self, first_stage_key: str, image_size: int, channels: int, log_every_t: int,
+                          clip_denoised: bool, use_positional_encodings: bool) -> None:
+        """What the model reads from a batch and produces, and how often sampling rows are logged."""
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
+
+    def _build_model(self, unet_config: Any, conditioning_key: Any, use_ema: bool) -> None:
+        """The denoising network in its DiffusionWrapper (`model`), and its EMA (`model_ema`) when use_ema."""
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
         if self.use_ema:
             self.model_ema = LitEma(self.model)
             logger.info("Keeping EMAs of %d parameters.", len(list(self.model_ema.buffers())))
+
+    def _set_optimization_options(self, scheduler_config: Any, monitor: str | None, make_it_fit: bool) -> None:
+        """The LR scheduler config, the monitored metric and make_it_fit (checkpoint loading)."""
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
             self.scheduler_config = scheduler_config
-        self.v_posterior = v_posterior
-        self.original_elbo_weight = original_elbo_weight
-        self.l_simple_weight = l_simple_weight
         if monitor is not None:
             self.monitor = monitor
         self.make_it_fit = make_it_fit
-        self.loss_type = loss_type
-        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+
+    def _init_logvar(self, learn_logvar: bool, logvar_init: float) -> None:
+        """The per-timestep log-variance of the loss: a parameter when learned, else a constant tensor."""
         self.learn_logvar = learn_logvar
         logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
-        self.ucg_training = dict(ucg_training or {})
-        self.ucg_prng = np.random.RandomState()
+
+    def _restore_from_checkpoint(self, ckpt_path: str | None, ignore_keys: Any, only_model: bool, reset_ema: bool,
+                                 reset_num_ema_updates: bool) -> None:
+        """Load ckpt_path when given; reset_ema restarts the EMA from the loaded weights, reset_num_ema_updates
+        its update count."""
         if reset_ema and ckpt_path is None:
             raise ValueError("reset_ema=True needs a ckpt_path to reset from")
+        if (reset_ema or reset_num_ema_updates) and not self.use_ema:
+            raise ValueError("reset_ema / reset_num_ema_updates need use_ema=True")
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
             if reset_ema:
                 logger.info("Resetting the EMA to the loaded weights.")
                 self.model_ema = LitEma(self.model)
         if reset_num_ema_updates:
-            if not self.use_ema:
-                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
             self.model_ema.reset_num_updates()
 
     # ------------------------------------------------------------------ schedule

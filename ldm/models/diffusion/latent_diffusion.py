@@ -71,19 +71,8 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.bbox_tokenizer = None
-        self.restarted_from_ckpt = False
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
-            self.restarted_from_ckpt = True
-            if reset_ema:
-                if not self.use_ema:
-                    raise ValueError("reset_ema=True needs use_ema=True")
-                logger.info("Resetting the EMA to the loaded weights.")
-                self.model_ema = type(self.model_ema)(self.model)
-        if reset_num_ema_updates:
-            if not self.use_ema:
-                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
-            self.model_ema.reset_num_updates()
+        self.restarted_from_ckpt = ckpt_path is not None
+        self._restore_from_checkpoint(ckpt_path, ignore_keys, False, reset_ema, reset_num_ema_updates)
 
     # ------------------------------------------------------------------ set-up
     def make_cond_schedule(self) -> None:
