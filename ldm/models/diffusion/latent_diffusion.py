@@ -1,6 +1,10 @@
 """LatentDiffusion: DDPM in the latent space of a frozen first-stage autoencoder, with conditioning.
 
-Imported by `ldm.models.diffusion.ddpm`, where configs name it.
+The conditioning is a role dict (`ldm.modules.encoders.roles`: crossattn / concat / vector) made by the cond
+stage — one encoder read through `conditioning_key`, as the original, or a `GeneralConditioner` of several
+embedders — plus the roles a task model adds (`task_embedders`); `DiffusionWrapper` maps it onto the UNet.
+`get_input` and `get_learned_conditioning` keep their original return values. Imported by
+`ldm.models.diffusion.ddpm`, where configs name it.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         cond_stage_trainable: bool = False,
         concat_mode: bool = True,
         cond_stage_forward: str | None = None,
-        conditioning_key: str | None = None,
+        conditioning_key: str | list[str] | None = None,
         scale_factor: float = 1.0,
         scale_by_std: bool = False,
         force_null_conditioning: bool = False,
