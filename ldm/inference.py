@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
-from ldm.training.config import UsageError, load_config
-from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
+from ldm.errors import UserError
+from ldm.training.config import load_config
+from ldm.util import atomic_path, load_model_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,12 @@ SAMPLERS = ("ddim", "plms", "dpm")
 PRECISIONS = ("autocast", "full", "bf16")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError):
     """A user mistake in a script's flags or inputs; printed as one line `error: ...`, exit status 2."""
 
 
-USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
+# what run_cli and the web UI catch: every user mistake derives from ldm.errors.UserError
+USER_ERRORS = (UserError,)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Any],
@@ -51,7 +53,8 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         body(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        # the command line's own output (as argparse writes its usage errors), not a log record
+        sys.stderr.write(f"error: {message}\n")
         return 2
     return 0
 
@@ -269,10 +272,11 @@ def check_size(height: int, width: int, multiple: int, flags: tuple[str, str] = 
 
 # ----------------------------------------------------------------------------------------- conditioning
 def is_text_model(model: Any) -> bool:
-    """Whether the model is conditioned on captions."""
+    """Whether the model is conditioned on captions alone (one caption key, read by its cond stage(s))."""
     from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
 
-    return is_conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+    keys = set(getattr(model, "conditioning_input_keys", ()))
+    return is_conditional(model) and len(keys) == 1 and keys <= set(TEXT_KEYS)
 
 
 def is_class_model(model: Any) -> bool:
@@ -288,9 +292,16 @@ def is_conditional(model: Any) -> bool:
 
 
 def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for captions; uc is the empty caption when scale != 1, else None."""
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    """(c, uc) role dicts for captions; uc is the model's null (the empty caption for a single text encoder) when
+    scale != 1, else None."""
+    return guidance_pair(model, {model.conditioning_input_keys[0]: list(prompts)}, len(prompts), scale)
+
+
+def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale: float) -> tuple[Any, Any]:
+    """(c, uc) role dicts for raw conditioning inputs keyed by batch key; uc (None when scale == 1) is the
+    model's null conditioning for classifier-free guidance."""
+    c = model.get_conditioning(inputs)
+    uc = model.guidance_unconditional(c, batch_size, inputs=inputs) if scale != 1.0 else None
     return c, uc
 
 
@@ -305,18 +316,14 @@ def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tup
 
 
 def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
+    """(c, uc) role dicts for class labels; uc is the null class when scale != 1, else None."""
     embedder = model.cond_stage_model
     key = getattr(embedder, "key", model.cond_stage_key)
     n_classes = getattr(embedder, "n_classes", None)
     if n_classes is not None and any(not 0 <= int(label) < n_classes for label in labels):
         raise ScriptError(f"--classes: labels must lie in [0, {n_classes - 1}], got {list(labels)}")
-    c = model.get_learned_conditioning({key: torch.tensor([int(x) for x in labels], device=model.device)})
-    uc = None
-    if scale != 1.0:
-        uc = model.get_unconditional_conditioning(len(labels))
-        uc = model.get_learned_conditioning(uc) if isinstance(uc, Mapping) else uc
-    return c, uc
+    inputs = {key: torch.tensor([int(x) for x in labels], device=model.device)}
+    return guidance_pair(model, inputs, len(labels), scale)
 
 
 # ----------------------------------------------------------------------------------------- samplers
@@ -467,7 +474,7 @@ def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Map
         grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
                                     seed=repr(all_seeds), **common)
         written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 
 

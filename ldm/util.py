@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Sentinels the original configs use in place of a sub-model config.
@@ -17,7 +19,7 @@ FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config could not be turned into an object; the message names the config key and what was expected."""
 
 
@@ -140,6 +142,21 @@ def default(val: Any, d: Any) -> Any:
     return d() if callable(d) else d
 
 
+def disabled_train(self: Any, mode: bool = True) -> Any:
+    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
+    return self
+
+
+def freeze_module(module: Any) -> Any:
+    """Hold a torch module frozen, as the original holds its first and cond stages: eval mode for good (its
+    `train` is replaced) and requires_grad=False for every parameter. Returns the module."""
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for param in module.parameters():
+        param.requires_grad = False
+    return module
+
+
 def fused_adam_kwargs(params: Sequence[Any]) -> dict[str, bool]:
     """`{"fused": True}` when torch has a fused Adam/AdamW kernel for every parameter (floating point, on CPU or
     CUDA): one kernel for all tensors instead of a Python loop (44 -> 12 ms a step for 4.4 M parameters in 305
@@ -149,7 +166,7 @@ def fused_adam_kwargs(params: Sequence[Any]) -> dict[str, bool]:
     return {"fused": True} if fusable else {}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable or refused; the message names the file."""
 
 
@@ -269,7 +286,8 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     `ckpt` is a Lightning .ckpt, a bare state dict or a .safetensors file, read with `weights_only` (a pickle
     that would run code is refused unless `weights_only=False`). `use_ema` loads the EMA weights (`model_ema.*`)
     into the model. `params.ckpt_path` entries in the config are not read: the checkpoint holds the whole model.
-    Missing and unexpected keys are logged (and printed when `verbose`). `device=None` picks CUDA when available.
+    Missing and unexpected keys are logged as warnings (`verbose` is kept for the original signature; nothing is
+    printed). `device=None` picks CUDA when available.
     """
     import torch
 
@@ -277,8 +295,6 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     state, meta = read_checkpoint(ckpt, weights_only=weights_only)
     if "global_step" in meta:
         logger.info("Global Step: %d", meta["global_step"])
-        if verbose:
-            print(f"Global Step: {meta['global_step']}")
     has_ema = any(key.startswith("model_ema.") for key in state)
     if use_ema:
         state = ema_state_dict(state, ckpt)
@@ -300,9 +316,6 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     for kind, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             logger.warning("%d %s keys loading %s: %s", len(keys), kind, ckpt, keys)
-            if verbose:
-                print(f"{kind} keys:")
-                print(keys)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(torch.device(device)).eval()

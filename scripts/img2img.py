@@ -94,7 +94,9 @@ def generate(args: argparse.Namespace) -> list[str]:
             z0 = z_init.expand(len(batch), *z_init.shape[1:])
             return model.decode_first_stage(renoise_and_denoise(sampler, z0, t_enc, c, uc, args.scale, seeds))
 
-        return inf.sample_prompts(args, prompts, common, sample_batch)
+        written = inf.sample_prompts(args, prompts, common, sample_batch)
+    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,15 +126,13 @@ def inpaint_latent(model: object, sampler: DDIMSampler, job: Job, args: argparse
     sample = dict(sampler=sampler, steps=args.steps, scale=args.scale, eta=args.ddim_eta, shape=shape, seeds=[seed])
     if kind == "ldm-inpainting":  # latent-diffusion's inpaint.py: masked image through the first stage, then mask
         c = model.get_learned_conditioning(masked)
-        c = torch.cat([c, F.interpolate(job.mask, size=c.shape[-2:])], dim=1)
+        c = {"concat": torch.cat([c, F.interpolate(job.mask, size=c.shape[-2:])], dim=1)}
         return inf.sample_latents(c=c, uc=None, **{**sample, "scale": 1.0})
     c, uc = inf.prompt_conditioning(model, [args.prompt], args.scale)
-    if kind == "inpainting":
+    if kind == "inpainting":  # the model's own concat inputs: the mask and the masked image
         batch = {"mask": job.mask.permute(0, 2, 3, 1), model.masked_image_key: masked.permute(0, 2, 3, 1)}
-        cc = model.concat_conditioning(batch, size, 1)
-        cond = {"c_concat": [cc], "c_crossattn": [c]}
-        uncond = None if uc is None else {"c_concat": [cc], "c_crossattn": [uc]}
-        return inf.sample_latents(c=cond, uc=uncond, **sample)
+        concat = model.task_roles(batch, size)
+        return inf.sample_latents(c={**c, **concat}, uc=None if uc is None else {**uc, **concat}, **sample)
     known = 1.0 - inf.downsample_mask(job.mask, factor)  # the samplers keep x0 where mask == 1
     x0 = inf.encode_image(model, job.image)
     return inf.sample_latents(c=c, uc=uc, mask=known, x0=x0, **sample)

@@ -69,7 +69,7 @@ def conditioning(model: object, kind: str, low: torch.Tensor, args: argparse.Nam
         if model.channels + c.shape[1] != expected:
             raise inf.ScriptError(f"the model's UNet takes {expected} input channels, not {model.channels} latent + "
                                   f"{c.shape[1]} conditioning channels: it is not an image-concat SR model")
-        return c, None, 1.0, tuple(c.shape[-2:])
+        return {"concat": c}, None, 1.0, tuple(c.shape[-2:])
     max_level = getattr(model.low_scale_model, "max_noise_level", None)
     if not 0 <= args.noise_level < (max_level or model.low_scale_model.num_timesteps):
         raise inf.ScriptError(f"--noise_level must lie in [0, {max_level}), got {args.noise_level}")
@@ -77,8 +77,8 @@ def conditioning(model: object, kind: str, low: torch.Tensor, args: argparse.Nam
     noise = SeededNoise([seed], low.device).randn(low.shape)
     augmented, level = model.low_scale_model(low, noise_level=level, noise=noise)
     text, text_uc = inf.prompt_conditioning(model, [args.prompt], args.scale)
-    c = {"c_concat": [augmented], "c_crossattn": [text], "c_adm": level}
-    uc = None if text_uc is None else {"c_concat": [augmented], "c_crossattn": [text_uc], "c_adm": level}
+    low_res = {"concat": augmented, "vector": level}
+    c, uc = {**text, **low_res}, None if text_uc is None else {**text_uc, **low_res}
     return c, uc, args.scale, tuple(augmented.shape[-2:])
 
 

@@ -71,7 +71,9 @@ def generate(args: argparse.Namespace) -> list[str]:
         return model.decode_first_stage(z)
 
     with torch.no_grad(), inf.autocast(args.precision, device):
-        return inf.sample_prompts(args, prompts, common, sample_batch)
+        written = inf.sample_prompts(args, prompts, common, sample_batch)
+    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

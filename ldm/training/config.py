@@ -18,6 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # rank 0 of a run launched by Lightning's subprocess launcher tells its children where the run lives
@@ -31,7 +33,7 @@ MANUAL_OPTIMIZATION_UNSUPPORTED = ("accumulate_grad_batches", "gradient_clip_val
 TRUE_WORDS, FALSE_WORDS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A mistake in the command line or the configs; the message is one line that names what to fix."""
 
 

@@ -150,7 +150,9 @@ def expected_unet(u) -> dict[str, tuple[int, ...]]:
         return unet_resblock(p, ch, ch, emb, ss) if updown else _conv(f"{p}.{conv_name}", ch, ch, 3)
 
     keys = {**_layer("time_embed.0", (emb, mc)), **_layer("time_embed.2", (emb, emb))}
-    if u.get("num_classes") is not None:
+    if u.get("num_classes") == "sequential":  # an ADM vector of adm_in_channels through a two-layer MLP
+        keys |= {**_layer("label_emb.0.0", (emb, u.adm_in_channels)), **_layer("label_emb.0.2", (emb, emb))}
+    elif u.get("num_classes") is not None:
         keys["label_emb.weight"] = (u.num_classes, emb)
     keys |= _conv("input_blocks.0.0", u.in_channels, mc, 3)
     skips, ch, ds, i = [mc], mc, 1, 1

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.image_logging import log_txt_as_img, rows_to_grid
+from ldm.modules.encoders.roles import take
 
 
 def _is_image(x: Any) -> bool:
@@ -94,9 +95,7 @@ class LatentImageLogging:
                     samples, _ = self.sample_log(cond=c, quantize_x0=True, **sample_kw)
                 log["samples_x0_quantized"] = self.decode_first_stage(samples)
         if unconditional_guidance_scale > 1.0:
-            uc = self.get_unconditional_conditioning(N, unconditional_guidance_label)
-            if self.model.conditioning_key == "crossattn-adm":
-                uc = {"c_crossattn": [uc], "c_adm": c["c_adm"]}
+            uc = self.guidance_unconditional(c, N, unconditional_guidance_label, inputs=take(batch, N))
             with ema_scope("Sampling with classifier-free guidance"):
                 samples_cfg, _ = self.sample_log(cond=c, unconditional_guidance_scale=unconditional_guidance_scale,
                                                  unconditional_conditioning=uc, **sample_kw)

@@ -15,15 +15,17 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ldm.models.diffusion.ddpm import DDPM, _fit_state_dict, disabled_train
+from ldm.models.diffusion.ddpm import _fit_state_dict, batch_images, images_bchw
 from ldm.models.diffusion.image_logging import rows_to_grid
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
-from ldm.util import instantiate_from_config
+from ldm.modules.encoders.conditioner import EmbedderSpec
+from ldm.util import freeze_module, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class TaskImageLogging:
 
     def task_unconditional_conditioning(self, cond: dict[str, Any], batch_size: int, null_label: Any = None) -> dict:
         """Guidance's unconditional input: the text conditioning replaced by the null caption, the rest kept."""
-        return {**cond, "c_crossattn": [self.get_unconditional_conditioning(batch_size, null_label)]}
+        return self.guidance_unconditional(cond, batch_size, null_label)
 
 
 class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
@@ -104,10 +106,19 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
             sd[key] = _fit_state_dict({key: new}, {key: old[:, :self.keep_dims]})[key]
         return sd
 
+    def task_embedders(self, latent_size: Sequence[int]) -> list[tuple[EmbedderSpec, Callable[..., Any]]]:
+        """One concat embedder per `concat_keys` entry, in order: its image resized (nearest) to the latent size."""
+        return [(EmbedderSpec((key,), role="concat", name=f"concat_keys '{key}'"),
+                 partial(self.concat_part, key, tuple(latent_size))) for key in self.concat_keys]
+
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor:
+        """The concat channels of one `concat_keys` input: its images (BHWC) resized (nearest) to the latent size."""
+        return F.interpolate(images_bchw(value).to(self.device), size=latent_size)
+
     @torch.no_grad()
     def concat_conditioning(self, batch: dict, latent_size: Sequence[int], bs: int | None = None) -> torch.Tensor:
-        """The c_concat tensor from `concat_keys` (implemented by subclasses)."""
-        raise NotImplementedError
+        """The c_concat tensor: the `concat_keys` parts joined along the channels."""
+        return self.task_roles(batch, latent_size, bs)["concat"]
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, cond_key: str | None = None, bs: int | None = None,
@@ -115,9 +126,7 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
         """[z, {"c_concat": [...], "c_crossattn": [...]}] (+ x, reconstruction, original conditioning)."""
         z, c, *rest = super().get_input(batch, k, return_first_stage_outputs=return_first_stage_outputs,
                                         force_c_encode=True, cond_key=cond_key, return_original_cond=True, bs=bs)
-        cond = {"c_concat": [self.concat_conditioning(batch, z.shape[-2:], bs)]}
-        if c is not None:
-            cond["c_crossattn"] = [c]
+        cond = self.with_task_roles(c, batch, z.shape[-2:], bs)
         if return_first_stage_outputs:
             return [z, cond, *rest]
         return [z, cond]
@@ -159,24 +168,17 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
         super().__init__(concat_keys, *args, **kwargs)
         self.masked_image_key = masked_image_key
 
-    @torch.no_grad()
-    def concat_conditioning(self, batch: dict, latent_size: Sequence[int], bs: int | None = None) -> torch.Tensor:
-        """Masks resized (nearest) to the latent size and masked images encoded by the first stage, concatenated."""
-        parts = []
-        for key in self.concat_keys:
-            cc = DDPM.get_input(self, batch, key)[:bs].to(self.device)
-            if key == self.masked_image_key:
-                cc = self.get_first_stage_encoding(self.encode_first_stage(cc))
-            else:
-                cc = F.interpolate(cc, size=tuple(latent_size))
-            parts.append(cc)
-        return torch.cat(parts, dim=1)
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor:
+        """The masked image encoded by the first stage; masks resized (nearest) to the latent size."""
+        if key != self.masked_image_key:
+            return super().concat_part(key, latent_size, value)
+        return self.get_first_stage_encoding(self.encode_first_stage(images_bchw(value).to(self.device)))
 
     @torch.no_grad()
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """The finetune logs plus the masked image the model was given."""
         log = super().log_images(batch, *args, **kwargs)
-        log["masked_image"] = DDPM.get_input(self, batch, self.masked_image_key)
+        log["masked_image"] = batch_images(batch, self.masked_image_key)
         return log
 
 
@@ -198,11 +200,7 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
 
     def instantiate_low_stage(self, config: Any) -> None:
         """Build the low-scale model, frozen and kept in eval mode."""
-        model = instantiate_from_config(config)
-        self.low_scale_model = model.eval()
-        self.low_scale_model.train = disabled_train.__get__(self.low_scale_model)
-        for param in self.low_scale_model.parameters():
-            param.requires_grad = False
+        self.low_scale_model = freeze_module(instantiate_from_config(config))
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, cond_key: str | None = None, bs: int | None = None,
@@ -211,16 +209,27 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
         x, reconstruction, original conditioning, the low-res image, its decoded input and the noise levels."""
         z, c, *rest = super().get_input(batch, k, return_first_stage_outputs=log_mode, force_c_encode=True,
                                         cond_key=cond_key, return_original_cond=log_mode, bs=bs)
-        x_low = DDPM.get_input(self, batch, self.low_scale_key)[:bs].to(self.device)
-        if self.noise_level_key is not None:
-            levels = torch.as_tensor(batch[self.noise_level_key])[:bs].to(self.device).long()
-            zx, noise_level = self.low_scale_model(x_low, noise_level=levels)
-        else:
-            zx, noise_level = self.low_scale_model(x_low)
-        cond = {"c_concat": [zx], "c_crossattn": [c], "c_adm": noise_level}
+        cond = self.with_task_roles(c, batch, z.shape[-2:], bs)
         if log_mode:
+            zx, noise_level = cond["c_concat"][0], cond["c_adm"]
+            x_low = batch_images(batch, self.low_scale_key)[:bs].to(self.device)
             return [z, cond, *rest, x_low, self.low_scale_model.decode(zx), noise_level]
         return [z, cond]
+
+    def task_embedders(self, latent_size: Sequence[int]) -> list[tuple[EmbedderSpec, Callable[..., Any]]]:
+        """One embedder of the low-resolution image (and its noise levels with `noise_level_key`): the low-scale
+        model's noise-augmented image as concat channels, its noise level as the vector."""
+        keys = (self.low_scale_key,) + ((self.noise_level_key,) if self.noise_level_key is not None else ())
+        return [(EmbedderSpec(keys, name=f"low_scale_key '{self.low_scale_key}'"), self.low_scale_roles)]
+
+    def low_scale_roles(self, low: Any, levels: Any = None) -> dict[str, torch.Tensor]:
+        """{"concat": noise-augmented low-res image, "vector": its noise levels} from the low-scale model."""
+        x_low = images_bchw(low).to(self.device)
+        if levels is None:
+            zx, noise_level = self.low_scale_model(x_low)
+        else:
+            zx, noise_level = self.low_scale_model(x_low, noise_level=torch.as_tensor(levels).to(self.device).long())
+        return {"concat": zx, "vector": noise_level}
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 4, sample: bool = True, ddim_steps: int | None = 200,

@@ -113,10 +113,12 @@ class FrozenHFTextEmbedder(FrozenEncoder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        always_return_pooled: bool = False,
     ):
         super().__init__()
         del device  # config compatibility only: placement follows the module
         owner = type(self).__name__
+        self.always_return_pooled = always_return_pooled
         _check_layer(owner, layer, self.LAYERS)
         if layer == "hidden" and layer_idx is None:
             raise ValueError(f"{owner}: layer='hidden' needs layer_idx (which entry of the hidden states to return)")
@@ -151,8 +153,9 @@ class FrozenHFTextEmbedder(FrozenEncoder):
             raise OSError("no tokenizer vocabulary found")
         return tokenizer
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Embeddings [B, max_length, hidden] (layer 'last'/'hidden') or [B, 1, hidden] (layer 'pooled')."""
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, max_length, hidden] (layer 'last'/'hidden') or [B, 1, hidden] (layer 'pooled'); with
+        `always_return_pooled` also the pooled embedding [B, hidden] (a conditioner's vector, as SDXL's)."""
         if isinstance(text, str):
             text = [text]
         batch = self.tokenizer(
@@ -162,13 +165,17 @@ class FrozenHFTextEmbedder(FrozenEncoder):
         outputs = self.transformer(
             input_ids=batch["input_ids"].to(self.device), output_hidden_states=self.layer == "hidden", **kwargs
         )
-        if self.layer == "last":
-            return outputs.last_hidden_state
-        if self.layer == "pooled":
+        if self.layer == "pooled" or self.always_return_pooled:
             if getattr(outputs, "pooler_output", None) is None:
-                raise ValueError(f"{type(self).__name__}: this model has no pooled output; use layer 'last' or 'hidden'")
-            return outputs.pooler_output[:, None, :]
-        return outputs.hidden_states[self.layer_idx]
+                raise ValueError(f"{type(self).__name__}: this model has no pooled output; use layer 'last' or 'hidden' "
+                                 "without always_return_pooled")
+        if self.layer == "last":
+            z = outputs.last_hidden_state
+        elif self.layer == "pooled":
+            z = outputs.pooler_output[:, None, :]
+        else:
+            z = outputs.hidden_states[self.layer_idx]
+        return (z, outputs.pooler_output) if self.always_return_pooled else z
 
 
 class FrozenCLIPEmbedder(FrozenHFTextEmbedder):
@@ -191,8 +198,9 @@ class FrozenCLIPEmbedder(FrozenHFTextEmbedder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        always_return_pooled: bool = False,
     ):
-        super().__init__(version, device, max_length, freeze, layer, layer_idx)
+        super().__init__(version, device, max_length, freeze, layer, layer_idx, always_return_pooled)
         # Older transformers saved the position ids; SD v1 checkpoints carry them. They are a constant: drop them.
         self.register_load_state_dict_pre_hook(_drop_legacy_position_ids)
 

@@ -53,11 +53,14 @@ class ClassEmbedder(nn.Module):
         self.ucg_rate = ucg_rate
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
-    def _labels(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """The labels `batch[key]` as a long tensor [B] on the embedding's device."""
-        if key not in batch:
-            raise KeyError(f"ClassEmbedder: batch has no key '{key}' (available: {sorted(batch)})")
-        labels = torch.as_tensor(batch[key], device=self.embedding.weight.device).long().reshape(-1)
+    def _labels(self, batch: Mapping[str, Any] | Any, key: str) -> torch.Tensor:
+        """The labels `batch[key]` (or `batch` itself when it is not a mapping) as a long tensor [B] on the
+        embedding's device."""
+        if isinstance(batch, Mapping):
+            if key not in batch:
+                raise KeyError(f"ClassEmbedder: batch has no key '{key}' (available: {sorted(batch)})")
+            batch = batch[key]
+        labels = torch.as_tensor(batch, device=self.embedding.weight.device).long().reshape(-1)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(
                 f"ClassEmbedder: labels in batch['{key}'] must lie in [0, {self.n_classes - 1}], "
@@ -65,8 +68,10 @@ class ClassEmbedder(nn.Module):
             )
         return labels
 
-    def forward(self, batch: Mapping[str, Any], key: str | None = None, disable_dropout: bool = False) -> torch.Tensor:
-        """Embed `batch[key]` (default `self.key`) to [B, 1, embed_dim]."""
+    def forward(self, batch: Mapping[str, Any] | Any, key: str | None = None,
+                disable_dropout: bool = False) -> torch.Tensor:
+        """Embed `batch[key]` (default `self.key`), or labels given directly (as a conditioner passes its input), to
+        [B, 1, embed_dim]."""
         labels = self._labels(batch, key or self.key)
         if self.training and self.ucg_rate > 0.0 and not disable_dropout:
             drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate

@@ -197,3 +197,23 @@ def test_lightning_fit_with_scheduler_and_ema_validation():
     # LambdaLR stepped per step: three steps into a four-step warm-up
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
     assert model.model_ema.num_updates.item() == 3
+
+
+def test_reset_ema_restarts_the_average_from_the_checkpoint(tmp_path):
+    src = make_ddpm(use_ema=True)
+    with torch.no_grad():
+        for p in src.model.parameters():
+            p.add_(0.5)
+        src.model_ema.num_updates += 7
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "m.ckpt")
+    kept = make_ddpm(use_ema=True, ckpt_path=str(tmp_path / "m.ckpt"))
+    assert kept.model_ema.num_updates.item() == 7
+    w = "diffusion_modelinput_blocks00weight"
+    assert not torch.equal(kept.model_ema.state_dict()[w], src.model.diffusion_model.input_blocks[0][0].weight)
+    reset = make_ddpm(use_ema=True, ckpt_path=str(tmp_path / "m.ckpt"), reset_ema=True, reset_num_ema_updates=True)
+    assert torch.equal(reset.model_ema.state_dict()[w], src.model.diffusion_model.input_blocks[0][0].weight)
+    assert reset.model_ema.num_updates.item() == 0
+    with pytest.raises(ValueError, match="reset_ema=True needs a ckpt_path"):
+        make_ddpm(use_ema=True, reset_ema=True)
+    with pytest.raises(ValueError, match="need use_ema=True"):
+        make_ddpm(use_ema=False, reset_num_ema_updates=True)
