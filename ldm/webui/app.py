@@ -134,7 +134,7 @@ class WebUI:
         visible, updates = self.visible_tabs(loaded), []
         for tab in TABS:
             updates.append(gr.update(visible=tab.name in visible))
-            updates += [gr.update(value=default(loaded.model)) if tab.name in visible else gr.skip()
+            updates += [default(loaded.model) if tab.name in visible else gr.skip()
                         for default in self.parts[tab.name].defaults.values()]
         return updates
 

@@ -267,6 +267,8 @@ def build_inpaint(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Ga
             job = inpaint_input(image, mask_image, background, mask_path, inf.image_multiple(loaded.model),
                                 loaded.model.device)
             task = Inpaint(loaded.model, loaded.ckpt, prompt=prompt or "", **settings(ui, steps, scale, eta, negative))
+            if not prompt and inf.is_text_model(loaded.model):
+                gr.Warning("The prompt is empty: the model fills the region unconditionally")
             return [task(job, s, report) for s in inf.sample_seeds(pick_seed(seed), int(batch))]
 
         return ui.run(tab, request, progress, history, body)

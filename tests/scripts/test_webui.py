@@ -1,8 +1,12 @@
 """scripts/webui.py served on a free loopback port and driven with gradio_client: every tab's results equal the
 scripts' for the same settings and seed (PNG pixels and text metadata), the tabs follow the loaded model, bad input
 is one message and leaves the app working, a second request waits in the queue, and cancel stops a running job."""
+import json
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,9 +184,12 @@ def test_the_tabs_follow_the_loaded_model_and_the_old_model_is_released(served, 
                 "upscale": ["superres"]}
     for kind, tabs in expected.items():
         previous = weakref.ref(served.ui.slot.loaded.model)
-        use(client, served, kind)
+        about, *sizes = client.predict(str(served.runs[kind].logdir), api_name="/load_model")
         assert served.ui.visible_tabs(served.ui.slot.loaded) == tabs, kind
         assert previous() is None  # released: nothing holds the model loaded before
+        if kind == "text":
+            assert sizes == [16, 16]  # txt2img's size follows the model (16 px images)
+        assert served.runs[kind].logdir.name in about
 
 
 @pytest.mark.parametrize("call, message", [
@@ -225,6 +232,10 @@ def test_a_second_request_waits_in_the_queue_and_cancel_stops_the_running_one(se
     while not served.ui.slot.busy and time.time() < deadline:
         time.sleep(0.05)
     assert served.ui.slot.busy
+    while not long_job.status().progress_data and time.time() < deadline:
+        time.sleep(0.05)
+    progress = long_job.status().progress_data[-1]  # the page's progress bar, fed by the sampler's steps
+    assert progress.length == 500 and 1 <= progress.index <= 500 and progress.unit == "steps"
     waiting = second.submit(PROMPT, "", "ddim", 4, 3.0, 0.0, 16, 16, 3, 1, api_name="/txt2img")
     while waiting.status().code.name not in ("IN_QUEUE", "PROCESSING") and time.time() < deadline:
         time.sleep(0.05)
@@ -241,3 +252,30 @@ def test_a_second_request_waits_in_the_queue_and_cancel_stops_the_running_one(se
     gallery = waiting.result(timeout=120)[0]
     assert len(gallery) == 1 and png(gallery[0]["image"])[1]["seed"] == "3"
     assert len(set((served.outdir / "txt2img").glob("*.png")) - written) == 1  # only the second job's image
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and gradio: ~20-40 s on 2 cores
+def test_the_command_line_serves_the_page_and_a_missing_model_is_one_error_line(text_run, tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "webui.py"
+    result = subprocess.run([sys.executable, str(script), "-r", str(tmp_path / "none")], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: -r/--resume: checkpoint '{tmp_path / 'none'}' does not exist"
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(script), "-r", str(text_run.logdir), "--port", str(port),
+                               "--device", "cpu", "--outdir", str(tmp_path / "out")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        config, deadline = None, time.time() + 120
+        while config is None and time.time() < deadline and server.poll() is None:
+            try:
+                config = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5).read())
+            except OSError:
+                time.sleep(0.5)
+        assert config is not None, server.communicate(timeout=5)[0] if server.poll() is not None else "no answer"
+        assert config["title"] == "ldm web UI"
+        assert {"txt2img", "img2img", "inpaint", "superres", "load_model"} <= {
+            dep.get("api_name") for dep in config["dependencies"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
