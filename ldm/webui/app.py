@@ -123,17 +123,19 @@ class WebUI:
             loaded = self.slot.load(self.spec_of(path.strip()))
         except inf.USER_ERRORS as err:
             raise gr.Error(one_line(err), print_exception=False) from None
-        return [describe(loaded), *self.tab_updates(loaded)]
+        visible = self.visible_tabs(loaded)
+        return [describe(loaded), gr.update(selected=visible[0] if visible else None), *self.tab_updates(loaded)]
 
     def visible_tabs(self, loaded: Loaded | None) -> list[str]:
         """The names of the tabs shown for the loaded model: the tasks it supports."""
         return [tab.name for tab in TABS if loaded is not None and tab.supports(loaded.model)]
 
     def tab_updates(self, loaded: Loaded | None) -> list:
-        """Each tab shown or hidden for the loaded model, and the values that follow the model."""
+        """Each tab shown or hidden (and disabled: gradio keeps the button of a tab hidden after the page was drawn)
+        for the loaded model, and the values that follow the model."""
         visible, updates = self.visible_tabs(loaded), []
         for tab in TABS:
-            updates.append(gr.update(visible=tab.name in visible))
+            updates.append(gr.update(visible=tab.name in visible, interactive=tab.name in visible))
             updates += [default(loaded.model) if tab.name in visible else gr.skip()
                         for default in self.parts[tab.name].defaults.values()]
         return updates
@@ -162,23 +164,16 @@ class WebUI:
             history = gr.State([])
             history_gallery = gr.Gallery(label="Results so far (this session, newest first)", columns=10, height=220,
                                          object_fit="contain", interactive=False, preview=False, fit_columns=False,
-                                         render=False,
-                                         elem_id="history")
+                                         render=False, elem_id="history")
             outputs = []
-            with gr.Tabs():
+            with gr.Tabs() as tabs:
                 for tab in TABS:
                     with gr.Tab(tab.label, id=tab.name, visible=tab.name in self.visible_tabs(loaded)) as item:
                         self.parts[tab.name] = parts = tab.build(self, tab, history, history_gallery)
                     outputs += [item, *parts.defaults]
             history_gallery.render()
-            load.click(self.load, chooser, [about, *outputs], api_name="load_model", concurrency_id=CONCURRENCY_ID)
+            load.click(self.load, chooser, [about, tabs, *outputs], api_name="load_model", concurrency_id=CONCURRENCY_ID)
         return blocks
-
-
-def theme() -> gr.themes.Base:
-    """gradio's default look with the system's fonts (the default theme fetches its fonts from Google)."""
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "monospace"])
 
 
 def theme() -> gr.themes.Base:

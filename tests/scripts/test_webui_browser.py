@@ -1,6 +1,7 @@
 """The web UI end to end in headless Chromium (Debian's `chromium` package, driven by Playwright through its
 executable_path; no browser download): open the page, go to the inpainting tab, upload an image, paint a stroke on
-the canvas, type a prompt, press Generate and find the result in the page. A screenshot is kept as an artifact.
+the canvas, type a prompt, press Generate and find the result in the page (a screenshot is kept as an artifact); then
+load a super-resolution model and see the tabs follow it.
 
 Skipped only when no Chromium is installed (`.ci/run` installs it). With LDM_WEBUI_SCREENSHOT=docs/webui.png the
 README's screenshot is written from this test's."""
@@ -46,20 +47,22 @@ def free_port():
 
 
 @pytest.fixture
-def served(scripts, text_run, tmp_path):
+def served(scripts, text_run, tiny_runs, tmp_path):
+    """The web UI on the tiny text run, offering the tiny super-resolution run as the second model."""
     outdir = tmp_path / "out"
     port = free_port()
-    args = scripts("webui").get_parser().parse_args(["-r", str(text_run.logdir), "--port", str(port), "--outdir",
-                                                     str(outdir), "--device", "cpu"])
+    sr_run = tiny_runs("concat").logdir
+    args = scripts("webui").get_parser().parse_args(["-r", str(text_run.logdir), "-r", str(sr_run), "--port",
+                                                     str(port), "--outdir", str(outdir), "--device", "cpu"])
     ui = scripts("webui").serve(args, block=False)
-    yield f"http://127.0.0.1:{port}/", outdir
+    yield f"http://127.0.0.1:{port}/", outdir, sr_run
     ui.blocks.close()
 
 
 def test_paint_a_mask_generate_and_see_the_result(served, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    url, outdir = served
+    url, outdir, sr_run = served
     image = ShapesValidation(size=16, length=1, seed=3)[0]["image"]
     source = tmp_path / "shape.png"
     Image.fromarray(((image + 1) * 127.5).round().astype(np.uint8)).save(source)
@@ -71,6 +74,7 @@ def test_paint_a_mask_generate_and_see_the_result(served, tmp_path):
             page.goto(url)
             page.get_by_role("tab", name="Inpainting").click()
             editor = page.locator("#inpaint-editor")
+            expect(editor.locator("button[aria-label='Upload']")).to_be_visible(timeout=30_000)  # the editor is drawn
             editor.locator("input[type=file]").first.set_input_files(str(source))
             brush_size = editor.locator("button[aria-label='Brush Size']")  # shown once the image is on the canvas
             expect(brush_size).to_be_visible(timeout=30_000)
@@ -95,6 +99,12 @@ def test_paint_a_mask_generate_and_see_the_result(served, tmp_path):
             print(f"browser screenshot: {shot}")
             if os.environ.get("LDM_WEBUI_SCREENSHOT"):  # e.g. docs/webui.png, the README's
                 save_small(shot, os.environ["LDM_WEBUI_SCREENSHOT"])
+            page.locator("#model-path input").fill(str(sr_run))  # another model: its tabs only
+            page.keyboard.press("Enter")
+            page.locator("#model-load").click()
+            expect(page.get_by_role("tab", name="Super-resolution")).to_be_enabled(timeout=30_000)
+            expect(page.get_by_role("tab", name="Inpainting")).to_be_disabled()
+            expect(page.locator("#model-about")).to_contain_text("Tasks: Super-resolution.")
         finally:
             browser.close()
     written = sorted((outdir / "inpaint").glob("*.png"))
