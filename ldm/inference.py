@@ -96,9 +96,14 @@ def read_prompt_flags(args: argparse.Namespace) -> list[str]:
     """The prompts of --from-file, else [--prompt] (which must not be empty)."""
     if args.from_file:
         return read_prompts(args.from_file)
-    if not (args.prompt or "").strip():
-        raise ScriptError("--prompt is empty; give a prompt (or --from-file)")
-    return [args.prompt]
+    return [check_prompt(args.prompt)]
+
+
+def check_prompt(prompt: str | None, alternative: str = " (or --from-file)") -> str:
+    """The prompt, which must not be empty (`alternative` names what may be given instead)."""
+    if not (prompt or "").strip():
+        raise ScriptError(f"--prompt is empty; give a prompt{alternative}")
+    return prompt
 
 
 def check_latent_flags(args: argparse.Namespace, model: Any) -> None:
@@ -249,6 +254,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_seeds(first: int, count: int) -> list[int]:
+    """The seeds of `count` consecutive samples starting at `first`: sample k has its own seed first + k."""
+    return [first + k for k in range(count)]
+
+
 def image_multiple(model: Any) -> int:
     """Image sides must be multiples of this: the first stage's downsampling times the UNet's."""
     first = 2 ** int(getattr(model, "num_downs", 0) or 0)
@@ -291,10 +301,14 @@ def is_conditional(model: Any) -> bool:
     return getattr(getattr(model, "model", None), "conditioning_key", None) is not None
 
 
-def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(c, uc) role dicts for captions; uc is the model's null (the empty caption for a single text encoder) when
-    scale != 1, else None."""
-    return guidance_pair(model, {model.conditioning_input_keys[0]: list(prompts)}, len(prompts), scale)
+def text_conditioning(model: Any, prompts: Sequence[str], scale: float, negative_prompt: str = "") -> tuple[Any, Any]:
+    """(c, uc) role dicts for captions; uc (None when scale == 1) is the negative prompt's conditioning, or with no
+    negative prompt the model's null (the empty caption for a single text encoder)."""
+    key = model.conditioning_input_keys[0]
+    c, uc = guidance_pair(model, {key: list(prompts)}, len(prompts), scale)
+    if uc is not None and negative_prompt:
+        uc = model.get_conditioning({key: [negative_prompt] * len(prompts)})
+    return c, uc
 
 
 def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale: float) -> tuple[Any, Any]:
@@ -305,10 +319,11 @@ def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale:
     return c, uc
 
 
-def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
+def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float,
+                        negative_prompt: str = "") -> tuple[Any, Any]:
     """(c, uc) for a text model, (None, None) for an unconditional one; other conditionings are a user error."""
     if is_text_model(model):
-        return text_conditioning(model, prompts, scale)
+        return text_conditioning(model, prompts, scale, negative_prompt)
     if not is_conditional(model):
         return None, None
     raise ScriptError(f"the model is conditioned on '{getattr(model, 'cond_stage_key', None)}', not on text; "
@@ -449,30 +464,30 @@ def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metada
     return path
 
 
-def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Mapping[str, Any],
-                   sample_batch: Callable[[list[str], list[int]], torch.Tensor]) -> list[str]:
-    """Run `sample_batch(prompts, seeds) -> images in [-1, 1]` over the prompts --n_iter times; write the samples
-    and the grid (unless --skip_save / --skip_grid) with metadata; returns the written paths.
+def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
+                   sample_batch: Callable[[list[str], list[int]], Any]) -> list[str]:
+    """Run `sample_batch(prompts, seeds)` (an `ldm.pipelines` task: images in [-1, 1] and their metadata) over the
+    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid); returns the paths.
 
     One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
     original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
-    (`--seed + k` with --fixed_code).
+    (`--seed + k` with --fixed_code). The grid has the first sample's metadata with all prompts and seeds.
     """
     batches = [list(prompts) * args.n_samples] if len(prompts) == 1 else list(batched(prompts, args.n_samples))
-    written, all_images, all_seeds = [], [], []
+    written, all_images, all_seeds, first_meta = [], [], [], {}
     for n in trange(args.n_iter, desc="Sampling"):
         for b, batch in enumerate(batches):
             first = args.seed if args.fixed_code else args.seed + (n * len(batches) + b) * args.n_samples
-            seeds = [first + k for k in range(len(batch))]
-            images = sample_batch(batch, seeds).detach().float().clamp(-1, 1).cpu()
+            seeds = sample_seeds(first, len(batch))
+            samples = sample_batch(batch, seeds)
             if not args.skip_save:
-                meta = [sample_metadata(prompt=p, seed=s, **common) for p, s in zip(batch, seeds)]
-                written += save_samples(images, os.path.join(args.outdir, "samples"), meta)
-            all_images.append(images)
+                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
+            all_images.append(samples.images)
             all_seeds += seeds
+            first_meta = first_meta or samples.metadata[0]
     if not args.skip_grid:
-        grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
-                                    seed=repr(all_seeds), **common)
+        grid_meta = {**first_meta, "prompt": prompts[0] if len(prompts) == 1 else repr(list(prompts)),
+                     "seed": repr(all_seeds)}
         written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
     logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written

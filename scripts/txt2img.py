@@ -19,9 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 from ldm import inference as inf  # noqa: E402
+from ldm.pipelines import Txt2Img  # noqa: E402
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -41,37 +40,17 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def latent_shape(args: argparse.Namespace, model: object) -> tuple[int, int, int]:
-    """(C, H/f, W/f), with --C and --f checked against the model."""
-    inf.check_latent_flags(args, model)
-    factor = inf.first_stage_factor(model)
-    inf.check_size(args.H, args.W, inf.image_multiple(model))
-    return model.channels, args.H // factor, args.W // factor
-
-
 def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt n_iter times; returns the written paths."""
     name = inf.sampler_name(args)
     inf.check_counts(args)
     prompts = inf.read_prompt_flags(args)
-    model, device, ckpt = inf.load_from_args(args)
-    if not inf.is_text_model(model):
-        raise inf.ScriptError(f"the model of '{ckpt}' is not conditioned on text (cond_stage_key "
-                              f"{getattr(model, 'cond_stage_key', None)!r}); use scripts/sample_diffusion.py")
-    shape = latent_shape(args, model)
-    inf.check_steps(name, args.steps, args.ddim_eta, model)
+    model, _, ckpt = inf.load_from_args(args)
+    inf.check_latent_flags(args, model)
+    job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta, height=args.H,
+                  width=args.W, precision=args.precision)
     inf.seed_everything(args.seed)
-    sampler = inf.make_sampler(name, model)
-    common = dict(sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta if name == "ddim" else None,
-                  checkpoint=inf.checkpoint_label(ckpt), H=args.H, W=args.W)
-
-    def sample_batch(batch: list[str], seeds: list[int]) -> torch.Tensor:
-        c, uc = inf.text_conditioning(model, batch, args.scale)
-        z = inf.sample_latents(sampler, args.steps, c, uc, args.scale, args.ddim_eta, shape, seeds)
-        return model.decode_first_stage(z)
-
-    with torch.no_grad(), inf.autocast(args.precision, device):
-        written = inf.sample_prompts(args, prompts, common, sample_batch)
+    written = inf.sample_prompts(args, prompts, job)
     print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
     return written
 
