@@ -519,6 +519,10 @@ _REEXPORTS = {
     "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+    "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
 }
 
 
