@@ -156,3 +156,80 @@ def test_transform_keeps_the_aspect_ratio_in_multiples_of_32(model_type, size, m
     else:  # 'upper_bound': fits inside 256 x 256
         assert max(h, w) <= size
     np.testing.assert_allclose(out[0], (0.75 - mean) / (0.5 if mean == 0.5 else 0.229), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- parity with transformers' DPT-Hybrid
+def to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (the published) DPT-Hybrid keys in transformers' DPTForDepthEstimation naming; qkv split in three."""
+    out = {}
+    fixed = [
+        ("pretrained.model.cls_token", "dpt.embeddings.cls_token"),
+        ("pretrained.model.pos_embed", "dpt.embeddings.position_embeddings"),
+        ("pretrained.model.patch_embed.proj.", "dpt.embeddings.projection."),
+        ("pretrained.model.patch_embed.backbone.stem.conv.", "dpt.embeddings.backbone.bit.embedder.convolution."),
+        ("pretrained.model.patch_embed.backbone.stem.norm.", "dpt.embeddings.backbone.bit.embedder.norm."),
+        ("pretrained.model.norm.", "dpt.layernorm."),
+        ("scratch.output_conv.", "head.head."),
+    ]
+    block_parts = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    fusion_parts = {"out_conv": "projection", "resConfUnit1.conv1": "residual_layer1.convolution1",
+                    "resConfUnit1.conv2": "residual_layer1.convolution2",
+                    "resConfUnit2.conv1": "residual_layer2.convolution1",
+                    "resConfUnit2.conv2": "residual_layer2.convolution2"}
+    for key, value in state.items():
+        parts = key.split(".")
+        if key.startswith("pretrained.model.head."):
+            continue  # the ImageNet classifier: not part of a depth model
+        for ours, theirs in fixed:
+            if key.startswith(ours):
+                out[theirs + key[len(ours):]] = value
+                break
+        else:
+            if key.startswith("pretrained.model.patch_embed.backbone.stages."):
+                stage, block, rest = parts[5], parts[7], ".".join(parts[8:])
+                out[f"dpt.embeddings.backbone.bit.encoder.stages.{stage}.layers.{block}.{rest}"] = value
+            elif key.startswith("pretrained.model.blocks."):
+                i, name, leaf = parts[3], ".".join(parts[4:-1]), parts[-1]
+                if name == "attn.qkv":
+                    for role, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                        out[f"dpt.encoder.layer.{i}.attention.attention.{role}.{leaf}"] = chunk
+                else:
+                    out[f"dpt.encoder.layer.{i}.{block_parts[name]}.{leaf}"] = value
+            elif key.startswith("pretrained.act_postprocess"):
+                level, index, leaf = int(parts[1][-1]) - 1, parts[2], parts[-1]
+                name = {"0": f"readout_projects.{level}.0", "3": f"layers.{level}.projection",
+                        "4": f"layers.{level}.resize"}[index]
+                out[f"neck.reassemble_stage.{name}.{leaf}"] = value
+            elif key.startswith("scratch.layer"):
+                out[f"neck.convs.{int(parts[1][5]) - 1}.{parts[-1]}"] = value
+            elif key.startswith("scratch.refinenet"):
+                stage = 4 - int(parts[1][-1])  # refinenet4 (coarsest) is transformers' first fusion layer
+                out[f"neck.fusion_stage.layers.{stage}.{fusion_parts['.'.join(parts[2:-1])]}.{parts[-1]}"] = value
+            else:
+                raise AssertionError(f"no transformers name for {key}")
+    return out
+
+
+@pytest.mark.slow
+def test_dpt_hybrid_depth_equals_transformers_dpt_hybrid_on_the_same_weights(hybrid):
+    """transformers' DPT-Hybrid (converted from the published file by its own script) predicts the same depth from
+    our weights: architecture, readout, fusion order and head agree numerically, not only by name."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(is_hybrid=True, hidden_size=768, reassemble_factors=[1, 1, 1, 0.5],
+                       neck_hidden_sizes=[256, 512, 768, 768], use_batch_norm_in_fusion_residual=False,
+                       readout_type="project", image_size=384, patch_size=16)
+    with torch.device("meta"):
+        reference = DPTForDepthEstimation(config)
+    converted = to_transformers(hybrid.model.state_dict())
+    assert set(converted) == set(reference.state_dict())  # 368 published keys - head + q/k/v split = 414
+    reference.load_state_dict(converted, strict=True, assign=True)
+    reference.eval()
+    torch.manual_seed(3)
+    x = torch.rand(1, 3, 384, 384) * 2 - 1
+    with torch.no_grad():
+        theirs = reference(pixel_values=x).predicted_depth
+        ours = hybrid.model(x)
+    assert ours.shape == theirs.shape == (1, 384, 384)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
