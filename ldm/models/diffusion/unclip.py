@@ -20,6 +20,7 @@ import torch.nn as nn
 from ldm.models.diffusion.ddpm import images_bchw
 from ldm.models.diffusion.image_logging import log_txt_as_img
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.models.diffusion.task_models import defer_restore, restore_deferred
 from ldm.modules.encoders.conditioner import EmbedderSpec
 from ldm.util import ConfigError, freeze_module, instantiate_from_config
 
@@ -38,17 +39,13 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
                               "embedder then); the image embedder is frozen")
         if not 0.0 <= embedding_dropout <= 1.0:
             raise ConfigError(f"model.params.embedding_dropout must lie in [0, 1], got {embedding_dropout}")
-        # the checkpoint holds embedder.* / noise_augmentor.* too: load it once they exist
-        restore = {key: kwargs.pop(key) for key in ("ckpt_path", "ignore_keys", "reset_ema", "reset_num_ema_updates")
-                   if key in kwargs}
+        restore = defer_restore(kwargs)  # the checkpoint holds embedder.* / noise_augmentor.* too
         super().__init__(*args, **kwargs)
         self.embed_key = embedding_key
         self.embedding_dropout = embedding_dropout
         self.embedder = freeze_module(instantiate_from_config(embedder_config))
         self.noise_augmentor = self._noise_augmentor(noise_aug_config)
-        self.restarted_from_ckpt = restore.get("ckpt_path") is not None
-        self._restore_from_checkpoint(restore.get("ckpt_path"), restore.get("ignore_keys", []), False,
-                                      restore.get("reset_ema", False), restore.get("reset_num_ema_updates", False))
+        restore_deferred(self, restore)
 
     @staticmethod
     def _noise_augmentor(config: Any) -> nn.Module | None:

@@ -139,3 +139,41 @@ def test_unclip_parameter_errors(text_stage):
         instantiate_from_config(unclip_config(text_stage, freeze_embedder=False))
     with pytest.raises(ConfigError, match=r"embedding_dropout must lie in \[0, 1\]"):
         instantiate_from_config(unclip_config(text_stage, embedding_dropout=1.5))
+
+
+@pytest.mark.parametrize("variant", ["h", "l"])
+def test_published_unclip_configs_one_training_step(text_stage, data, variant, tmp_path):
+    """v2-1-stable-unclip-{h,l}-inference.yaml with tiny towers: the H config's open_clip image tower, the L
+    config's OpenAI CLIP (random weights) and its embedding statistics file; one step reaches the vector input."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[3] / "configs" / "stable-diffusion"
+                         / f"v2-1-stable-unclip-{variant}-inference.yaml").model
+    p = cfg.params
+    assert p.conditioning_key == "crossattn-adm" and p.parameterization == "v" and p.embedding_dropout == 0.25
+    assert p.unet_config.params.adm_in_channels == 2 * p.noise_aug_config.params.timestep_dim
+    if variant == "h":
+        assert p.embedder_config.target.endswith("FrozenOpenCLIPImageEmbedder")
+        p.embedder_config.params = {"arch": ARCH, "version": None}
+    else:
+        assert p.embedder_config.params.model == "ViT-L/14"
+        assert p.noise_aug_config.params.clip_stats_path == "checkpoints/karlo_models/ViT-L-14_stats.th"
+        p.embedder_config.params = {"model": ARCH, "pretrained": False}
+        torch.save((torch.randn(EMBED), torch.rand(EMBED) + 0.5), tmp_path / "stats.th")
+        p.noise_aug_config.params.clip_stats_path = str(tmp_path / "stats.th")
+    p.noise_aug_config.params.timestep_dim = LEVEL_DIM
+    p.unet_config.params.update(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
+                                context_dim=16, num_head_channels=16, adm_in_channels=EMBED + LEVEL_DIM)
+    p.first_stage_config.params.ddconfig.update(ch=32, resolution=32)
+    p.cond_stage_config = OmegaConf.create(text_stage)
+    p.image_size = 4
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg)
+    assert isinstance(model, ImageEmbeddingConditionedLatentDiffusion)
+    batch = batch_of([{"jpg": e["image"], "txt": e["caption"]} for e in (data[0], data[1])], 2)
+    randomise_zero_convs(model)
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.diffusion_model.label_emb[0][0].weight.grad.abs().sum() > 0
