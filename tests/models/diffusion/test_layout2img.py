@@ -119,3 +119,15 @@ def test_layout2img_uses_the_dataset_builder_as_the_original_or_says_what_is_mis
     assert log["bbox_image"].shape == (2, 3, 32, 32) and "/m/0" in labels  # labels through the dataset
     with pytest.raises(ConfigError, match="reads 'coordinates_bbox'"):
         instantiate_from_config(layout_config(cond_key="caption"))
+
+
+def test_published_layout_encoder_reads_published_sequences():
+    """layout2img-openimages256's cond stage (BERTEmbedder over 8192 tokens, 92 positions, 16 layers of 512; no
+    x-transformers option beyond these is used by any published config) embeds a 92-token layout sequence."""
+    from ldm.modules.encoders.modules import BERTEmbedder
+
+    with torch.device("meta"):
+        encoder = BERTEmbedder(n_embed=512, n_layer=16, vocab_size=8192, max_seq_len=92, use_tokenizer=False)
+        tokens = torch.zeros(2, BoundingBoxLayout(300, 30, 8192).embedding_dim, dtype=torch.long)
+        assert encoder(tokens).shape == (2, 92, 512)
+    assert sum(k.endswith("to_q.weight") for k in encoder.state_dict()) == 16
