@@ -141,8 +141,10 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
     emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"))
     trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
     if opt.train:
-        model.learning_rate, rule = learning_rate(config, trainer.accumulate_grad_batches, trainer.num_devices,
-                                                  trainer.num_nodes, opt.scale_lr)
+        accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
+            else trainer.accumulate_grad_batches
+        model.learning_rate, rule = learning_rate(config, accumulate, trainer.num_devices, trainer.num_nodes,
+                                                  opt.scale_lr)
         logger.info(rule)
     return run, model, data, trainer, emergency
 

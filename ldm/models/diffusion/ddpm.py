@@ -32,6 +32,7 @@ from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_n
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers import ddpm_ancestral
 from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
+    ConfigError,
     count_params,
     default,
     disabled_train,
@@ -112,6 +113,10 @@ class DDPM(pl.LightningModule):
     def _set_data_options(self, first_stage_key: str, image_size: int, channels: int, log_every_t: int,
                           clip_denoised: bool, use_positional_encodings: bool) -> None:
         """What the model reads from a batch and produces, and how often sampling rows are logged."""
+        if use_positional_encodings:
+            raise ConfigError("model.params.use_positional_encodings: true is not supported (the original stored it "
+                              "and, in LatentDiffusion.get_input, called a compute_latent_shifts it never defined); "
+                              "leave it false")
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
@@ -519,6 +524,10 @@ _REEXPORTS = {
     "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+    "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
 }
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, mean_flat  # noqa: F401 - mean_flat: the original import path
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "squaredcos_cap_v2")
 
@@ -130,11 +130,6 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
     for p in module.parameters():
         p.detach().mul_(scale)
     return module
-
-
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
 class GroupNorm32(nn.GroupNorm):
