@@ -28,12 +28,11 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The flags of the original txt2img.py (plus -r/--resume, --dpm, --device, --ema)."""
+    """The flags of the original txt2img.py (plus -r/--resume, --sampler and its options, --device, --ema)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     inf.add_prompt_flags(parser, outdir="outputs/txt2img-samples")
+    inf.add_sampler_flags(parser)
     add = parser.add_argument
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
     add("--H", type=int, default=512, help="image height in pixels")
     add("--W", type=int, default=512, help="image width in pixels")
     inf.add_sampling_flags(parser, n_iter=3, n_samples=3, scale=7.5)
@@ -59,15 +58,18 @@ def generate(args: argparse.Namespace) -> list[str]:
         raise inf.ScriptError(f"the model of '{ckpt}' is not conditioned on text (cond_stage_key "
                               f"{getattr(model, 'cond_stage_key', None)!r}); use scripts/sample_diffusion.py")
     shape = latent_shape(args, model)
-    inf.check_steps(name, args.steps, args.ddim_eta, model)
+    eta, options = inf.sampler_eta(args, name), inf.sampler_options(args)
+    inf.check_steps(name, args.steps, eta, model, **options)
     inf.seed_everything(args.seed)
-    sampler = inf.make_sampler(name, model)
-    common = dict(sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta if name == "ddim" else None,
-                  checkpoint=inf.checkpoint_label(ckpt), H=args.H, W=args.W)
+    sampler = inf.make_sampler(name, model, **options)
+    common = dict(sampler=name, schedule=args.spacing, steps=args.steps, scale=args.scale, eta=eta,
+                  guidance_rescale=args.guidance_rescale or None, checkpoint=inf.checkpoint_label(ckpt), H=args.H,
+                  W=args.W)
 
     def sample_batch(batch: list[str], seeds: list[int]) -> torch.Tensor:
         c, uc = inf.text_conditioning(model, batch, args.scale)
-        z = inf.sample_latents(sampler, args.steps, c, uc, args.scale, args.ddim_eta, shape, seeds)
+        z = inf.sample_latents(sampler, args.steps, c, uc, args.scale, eta, shape, seeds,
+                               guidance_rescale=args.guidance_rescale)
         return model.decode_first_stage(z)
 
     with torch.no_grad(), inf.autocast(args.precision, device):

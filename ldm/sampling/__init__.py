@@ -10,6 +10,7 @@ from ldm.sampling.parameterization import (
     to_prediction,
     training_target,
 )
+from ldm.sampling.samplers import ALIASES, SAMPLERS, SamplerSpec, sampler_spec
 from ldm.sampling.schedule import (
     EDMSchedule,
     FlowSchedule,
@@ -21,7 +22,7 @@ from ldm.sampling.schedule import (
 )
 
 __all__ = [
-    "Denoiser", "EDMSchedule", "FlowSchedule", "GlobalNoise", "NoiseSchedule", "PARAMETERIZATIONS", "Prediction",
+    "ALIASES", "SAMPLERS", "SamplerSpec", "sampler_spec", "Denoiser", "EDMSchedule", "FlowSchedule", "GlobalNoise", "NoiseSchedule", "PARAMETERIZATIONS", "Prediction",
     "Schedule", "SeededNoise", "build_schedule", "check_parameterization", "combine", "concat_conditioning",
     "edm_scalings", "guided_model_fn", "make_noise", "rescale_zero_terminal_snr", "spacing", "to_prediction",
     "training_target",

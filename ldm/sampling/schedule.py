@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "squaredcos_cap_v2")
-SPACINGS = ("leading", "trailing", "linspace", "uniform", "quad", "karras", "exponential")
+GRID_SPACINGS = ("leading", "trailing", "linspace", "uniform", "quad")
+SPACINGS = (*GRID_SPACINGS, "karras", "exponential")
 FINALS = ("zero", "min", "none")
 
 Tensorish = torch.Tensor | float | Sequence[float] | np.ndarray
@@ -137,6 +138,20 @@ class Schedule:
     def buffers(self) -> dict[str, torch.Tensor]:
         """float32 tensors to register on a model under the original DDPM buffer names (none by default)."""
         return {}
+
+    def _scale(self, s: Tensorish, like: torch.Tensor) -> torch.Tensor:
+        """alpha(s) broadcast against `like`, 1 at an infinite level (where latents are held in the process scale)."""
+        s = _f64(s).reshape(-1)
+        alpha = self.alpha_sigma(s)[0]
+        return _broadcast(torch.where(torch.isinf(s), torch.ones_like(alpha), alpha), like)
+
+    def to_ve(self, x_t: torch.Tensor, s: Tensorish) -> torch.Tensor:
+        """The VE-normalised latent x_t / alpha(s) samplers work on (x_t itself at an infinite level)."""
+        return x_t / self._scale(s, x_t)
+
+    def from_ve(self, x: torch.Tensor, s: Tensorish) -> torch.Tensor:
+        """The process-scale latent x alpha(s) of a VE-normalised one (x itself at an infinite level)."""
+        return x * self._scale(s, x)
 
     def add_noise(self, x0: torch.Tensor, s: Tensorish, noise: torch.Tensor) -> torch.Tensor:
         """x_t = alpha(s) x0 + sigma(s) noise for one VE level per sample (or one for all)."""
@@ -488,6 +503,14 @@ def spaced_timesteps(kind: str, n: int, num_train_timesteps: int, steps_offset: 
     return steps if kind == "linspace" else steps.astype(np.int64)
 
 
+def dpm_solver_timesteps(n: int, num_train_timesteps: int) -> np.ndarray:
+    """diffusers' DPMSolverMultistepScheduler "linspace" timesteps: n + 1 rounded, evenly spaced timesteps from T-1
+    down, the t=0 end left out (Lin et al. 2023, Table 2); the ladder of the original `--dpm` sampler."""
+    if not 1 <= n < num_train_timesteps:
+        raise ValueError(f"number of sampling steps must lie in [1, {num_train_timesteps - 1}], got {n}")
+    return np.round(spaced_timesteps("linspace", n + 1, num_train_timesteps))[:-1].astype(np.int64)
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """n levels (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho (Karras et al. 2022, eq. 5)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -530,7 +553,7 @@ def spacing(
             raise ValueError(f"number of sampling steps must be at least 1, got {n}")
         rho = float(getattr(schedule, "rho", 7.0) if rho is None else rho)
         sigmas = karras_sigmas(n, lo, hi, rho) if kind == "karras" else exponential_sigmas(n, lo, hi)
-    elif kind in SPACINGS:
+    elif kind in GRID_SPACINGS:
         sigmas = schedule.t_to_sigma(spaced_timesteps(kind, n, schedule.num_timesteps, steps_offset))
     else:
         raise ValueError(f"spacing '{kind}' unknown; expected one of {', '.join(SPACINGS)}")

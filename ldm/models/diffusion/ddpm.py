@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
 from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
+from ldm.sampling.denoiser import ModelFn, X0Fn, x0_hook
 from ldm.sampling.parameterization import to_prediction
+from ldm.sampling.samplers.ddpm import ddpm
 from ldm.sampling.schedule import build_schedule
-from ldm.sampling.samplers import ddpm_ancestral
 from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
 
 logger = logging.getLogger(__name__)
@@ -242,14 +242,20 @@ class DDPM(pl.LightningModule):
         """The raw network output for x_noisy at timesteps t."""
         return self.model(x_noisy, t)
 
-    def denoiser(self, model_fn=None, clip_denoised: bool | None = None) -> Denoiser:
-        """A Denoiser over this model's schedule and parameterization (model_fn defaults to apply_model)."""
+    def denoiser(self, model_fn: ModelFn | None = None, clip_denoised: bool | None = None,
+                 x0_fn: X0Fn | None = None) -> Denoiser:
+        """denoise(x, sigma) -> x0 over this model's schedule and parameterization (`ldm.sampling.denoiser`);
+        model_fn(x, t) defaults to the unconditional apply_model, clip_denoised to the model's."""
         fn = model_fn if model_fn is not None else (lambda x, t: self.apply_model(x, t, None))
-        return Denoiser(fn, self.schedule, self.parameterization, clip_x0=default(clip_denoised, self.clip_denoised))
+        clip = default(clip_denoised, self.clip_denoised)
+        if clip:
+            x0_fn = x0_hook(clip=True, quantize=x0_fn)
+        return Denoiser(fn, self.schedule, self.parameterization, x0_fn=x0_fn)
 
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
-        """Mean and variance of p(x_{t-1} | x_t)."""
-        x0 = self.denoiser(clip_denoised=clip_denoised)(x, t).x0
+        """Mean and variance of p(x_{t-1} | x_t) at integer timesteps t."""
+        sigma = self.schedule.t_to_sigma(t.cpu())
+        x0 = self.denoiser(clip_denoised=clip_denoised)(self.schedule.to_ve(x, sigma), sigma)
         return self.q_posterior(x0.to(x.dtype), x, t)
 
     @torch.no_grad()
@@ -259,27 +265,31 @@ class DDPM(pl.LightningModule):
         """Ancestral sampling from noise (or x_T) down through `timesteps` (default: all) training steps.
 
         Intermediate latents are kept every log_every_t steps; `seeds` gives per-sample noise
-        (batch-invariant), `step_callback(i, x, x0)` sees every step, and kwargs (mask, x0,
-        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm_ancestral`.
+        (batch-invariant), `step_callback(t, x, x0)` sees every step, and kwargs (mask, x0,
+        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm.ddpm`.
         """
-        denoise = with_x0_fn(self.denoiser(lambda x, t: self.apply_model(x, t, cond)),
-                             x0_postprocess(self, quantize_x0=quantize_denoised))
+        quantize = (lambda x0: self.first_stage_model.quantize(x0)[0]) if quantize_denoised else None
+        denoise = self.denoiser(lambda x, t: self.apply_model(x, t, cond), x0_fn=quantize)
         noise = make_noise(seeds, self.device)
         img = noise.randn(shape) if x_T is None else x_T
         n_steps = default(timesteps, self.num_timesteps)
+        sigmas = torch.cat([self.schedule.t_to_sigma(torch.arange(n_steps - 1, -1, -1)), torch.zeros(1).double()])
         intermediates = [img]
         progress = tqdm(total=n_steps, desc="Sampling t", disable=not verbose)
 
         def on_step(step: dict) -> None:
             progress.update(1)
-            if step["t"] % self.log_every_t == 0 or step["t"] == n_steps - 1:
-                intermediates.append(step["x"])
+            t, x = n_steps - 1 - step["i"], self.schedule.from_ve(step["x"], step["sigma_next"])
+            if t % self.log_every_t == 0 or t == n_steps - 1:
+                intermediates.append(x)
             if step_callback is not None:
-                step_callback(step["t"], step["x"], step["x0"])
+                step_callback(t, x, step["denoised"])
 
-        img = ddpm_ancestral(denoise, self.schedule, img, timesteps=np.arange(n_steps)[::-1], noise=noise,
-                             callback=on_step, **kwargs)
-        progress.close()
+        try:
+            img = ddpm(denoise, sigmas, self.schedule.to_ve(img, float(sigmas[0])), v_posterior=self.v_posterior,
+                       noise=noise, callback=on_step, **kwargs)
+        finally:
+            progress.close()
         return (img, intermediates) if return_intermediates else img
 
     @torch.no_grad()
@@ -407,8 +417,10 @@ class DDPM(pl.LightningModule):
     # ------------------------------------------------------------------ image logging
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 2, sample: bool = True,
-                   return_keys: list[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, diffusion_row (forward process), samples and denoise_row."""
+                   return_keys: list[str] | None = None, sampler: str | None = None, ddim_steps: int = 50,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, diffusion_row (forward process), samples and denoise_row; samples are ancestral over every
+        timestep, or drawn with `sampler` (a name of ldm.sampling.SAMPLERS) in `ddim_steps` steps."""
         from ldm.models.diffusion.image_logging import rows_to_grid
 
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
@@ -417,7 +429,14 @@ class DDPM(pl.LightningModule):
         log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
         if sample:
             with self.ema_scope("Plotting"):
-                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                if sampler is None:
+                    samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                else:
+                    from ldm.models.diffusion.sampler import make_sampler
+
+                    shape = (self.channels, self.image_size, self.image_size)
+                    samples, inter = make_sampler(sampler, self).sample(ddim_steps, N, shape, verbose=False)
+                    denoise_row = inter["x_inter"]
             log["samples"] = samples
             log["denoise_row"] = rows_to_grid(denoise_row)
         if return_keys:
