@@ -523,6 +523,15 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
 
 
+def usable_spacing(kind: str, schedule: Schedule) -> str:
+    """`kind`, unless it is karras / exponential on a schedule whose last level is pure noise (zero terminal SNR,
+    flow), where those ladders do not exist: then trailing for a discrete VP schedule (Lin et al. 2023, sec. 3.3) and
+    linspace otherwise (diffusers' FlowMatchEulerDiscreteScheduler)."""
+    if kind in ("karras", "exponential") and math.isinf(schedule.sigma_max):
+        return "trailing" if isinstance(schedule, NoiseSchedule) else "linspace"
+    return kind
+
+
 def spacing(
     kind: str,
     n: int,

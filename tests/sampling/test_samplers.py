@@ -151,7 +151,7 @@ def test_temperature_and_noise_dropout(name: str, options: dict, dropout: float)
     assert torch.equal(cold[0], cold[1]) and not torch.allclose(cold[0], warm)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_ancestral", "dpmpp_2m"])
 def test_an_infinite_first_level_is_the_limit_of_a_finite_one(name: str) -> None:
     """From pure noise (flow at t = 1) the first step is the limit sigma_max -> inf of the finite one."""
     denoise, x_T = nonlinear(FLOW, "flow"), noise_like()
@@ -227,3 +227,34 @@ def test_clear_errors() -> None:
         ddim(den, [14.0, 1.0], x, eta=5.0)
     with pytest.raises(ValueError, match="increasing"):
         ddim_inversion(den, [2.0, 1.0], x, schedule=VP)
+
+
+class ConditionalModel:
+    """The exact network for data N(MU, I) with a small conditional gain, seen through the Sampler adapter (apply_model,
+    schedule, parameterization): at low noise it reproduces what it is given, as a trained model would."""
+
+    def __init__(self, schedule, parameterization: str):
+        self.schedule, self.parameterization = schedule, parameterization
+        self.num_timesteps, self.device = schedule.num_timesteps, torch.device("cpu")
+        self.network = gaussian_model(schedule, parameterization, std=1.0).model_fn
+
+    def apply_model(self, x, t, cond):
+        return self.network(x, t) * (1 + 0.02 * cond.reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("process,parameterization", [("vp", "x0"), ("vp", "v"), ("flow", "flow")])
+def test_x0_v_and_flow_models_with_guidance_and_a_mask(name: str, process: str, parameterization: str) -> None:
+    from ldm.models.diffusion.sampler import Sampler
+
+    model = ConditionalModel(VP if process == "vp" else FLOW, parameterization)
+    known = noise_like(seed=4).clamp(-1, 1)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    kw = dict(conditioning=torch.tensor([1.0, -1.0]), unconditional_conditioning=torch.zeros(2),
+              unconditional_guidance_scale=3.0, verbose=False, seeds=[1, 2])
+    seen: list[int] = []
+    out, _ = Sampler(model, name).sample(10, 2, SHAPE[1:], mask=mask, x0=known, callback=seen.append, **kw)
+    free, _ = Sampler(model, name).sample(10, 2, SHAPE[1:], **kw)
+    assert bool(torch.isfinite(out).all()) and seen == list(range(10))
+    assert (out - known)[..., :4].abs().max() < 0.25 and (free - known)[..., :4].abs().max() > 1.0

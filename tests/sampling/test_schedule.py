@@ -221,8 +221,10 @@ def test_every_process_noises_as_x_over_alpha_equals_x0_plus_s_eps(schedule) -> 
 
 def test_noise_schedule_q_sample_equals_diffusers_add_noise() -> None:
     s, ref = sd_schedule(), diffusers.DDPMScheduler(**DIFFUSERS_SD)
-    x0, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
-    torch.testing.assert_close(s.q_sample(x0, t, eps), ref.add_noise(x0, eps, t), rtol=1e-5, atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps, t = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([0, 500, 999])
+    # diffusers computes sqrt(alpha_bar) from float32 alpha_bar: ~1e-6 absolute on unit-scale latents
+    torch.testing.assert_close(s.q_sample(x0, t, eps), ref.add_noise(x0, eps, t), rtol=1e-5, atol=5e-6)
 
 
 def test_build_schedule_from_a_process_config() -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ldm.sampling.denoiser import X0Fn, model_denoiser, x0_hook
 from ldm.sampling.noise import GlobalNoise, make_noise
 from ldm.sampling.samplers import NoiseSource, sampler_spec
-from ldm.sampling.schedule import Schedule, spacing
+from ldm.sampling.schedule import Schedule, spacing, usable_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ class StepReporter:
 class Sampler:
     """Any registered sampler behind the original `sample(S, batch_size, shape, ...)` API.
 
-    `spacing` (default: the sampler's, see the registry) and `final` choose the step array
-    (`ldm.sampling.schedule.spacing`); `options` go to the sampler function (s_churn, order, ...).
+    `spacing` (default: the sampler's, see the registry, or trailing / linspace where the schedule ends in pure noise)
+    and `final` choose the step array (`ldm.sampling.schedule.spacing`); `options` go to the sampler function
+    (s_churn, order, ...).
     """
 
     name = "ddim"
@@ -97,7 +98,7 @@ class Sampler:
         self.name = name or self.name
         self.spec = sampler_spec(self.name)
         self.title = self.title if name is None else self.name
-        self.spacing = spacing or self.spec.spacing
+        self.spacing = spacing or usable_spacing(self.spec.spacing, model.schedule)
         self.final = final or self.spec.final
         self.steps_offset = steps_offset
         self.options = options
