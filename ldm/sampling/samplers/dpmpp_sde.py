@@ -161,8 +161,9 @@ def multistep_sde(denoise: Denoise, sigmas: Sigmas, x: torch.Tensor, order: int,
                   callback: StepCallback | None, mask: torch.Tensor | None, x0: torch.Tensor | None) -> torch.Tensor:
     """DPM-Solver++(2M / 3M) on the SDE's exponent (1 + eta) h: the first-order step
     x' = exp(-(1 + eta) h) x + (1 - exp(-(1 + eta) h)) D, plus the multistep corrections of D's first
-    (and second) differences, plus noise sigma_next sqrt(1 - exp(-2 eta h)) z (Lu et al. 2022, sec. 4 and
-    appendix; Gonzalez et al. 2023, "SEEDS", for the exponential integrator of the SDE).
+    (and second) differences, plus noise sigma_next sqrt(1 - exp(-2 eta h)) z: the exponential integrator of the
+    reverse-time SDE in the data prediction (Lu et al. 2022, DPM-Solver++, its SDE variant; cf. Gonzalez et al.
+    2023, "SEEDS"), with k-diffusion's eta interpolating between the ODE (0) and the SDE (1).
 
     Orders warm up from 1; `lower_order_final` caps them by the steps left when there are fewer than 15
     (diffusers' rule); the step to 0 returns D and a step from pure noise is `sde_from_noise`.
