@@ -30,10 +30,13 @@ setup(
         "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
     ],
     extras_require={
+        "sde": ["torchsde"],  # the SDE samplers' Brownian-tree noise option (brownian=True)
         "test": [
             "pytest>=7",
             "pytest-xdist",
             "diffusers>=0.30",
+            "k-diffusion",  # reference samplers and schedules for the tests (tests/sampling/conftest.py)
+            "torchsde",  # Brownian-tree noise (ldm.sampling.noise.BrownianTreeNoise, the SDE samplers' brownian=True)
             "transformers",
             "nbformat",
             "nbclient",
