@@ -170,11 +170,16 @@ def sampler_name(args: argparse.Namespace) -> str:
 
 
 def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
-    """The eta the sampler runs with: --eta, else --ddim_eta for ddim (or for any sampler when set), else None (the
-    sampler's own default: 1 for the ancestral samplers)."""
-    if getattr(args, "eta", None) is not None:
-        return args.eta
-    return args.ddim_eta if name == "ddim" or args.ddim_eta else None
+    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
+    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+
+
+def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
+    """`eta` when given, else `ddim_eta` for ddim (or for any sampler when it is not 0), else None (the sampler's own
+    default: 1 for the ancestral samplers). The scripts' --eta / --ddim_eta and the web UI's eta follow this rule."""
+    if eta is not None:
+        return eta
+    return ddim_eta if name == "ddim" or ddim_eta else None
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -123,8 +123,7 @@ class Txt2Img(Task):
             raise inf.ScriptError(f"the model of '{self.ckpt}' reads {unet_in_channels(model) - model.channels} "
                                   "concatenated conditioning channels (an inpainting or upscaling model); use "
                                   "scripts/inpaint.py or scripts/superres.py")
-        if self.eta is None and self.sampler == "ddim":
-            self.eta = 0.0
+        self.eta = inf.resolve_eta(self.sampler, self.eta)
         factor = inf.first_stage_factor(model)
         inf.check_size(self.height, self.width, inf.image_multiple(model))
         options = {"spacing": self.spacing} if self.spacing else {}
