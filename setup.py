@@ -35,7 +35,11 @@ setup(
             "pytest>=7",
             "pytest-xdist",
             "diffusers>=0.30",
-            "k-diffusion",  # reference samplers and schedules for the tests (tests/sampling/conftest.py)
+            # k-diffusion (reference samplers and schedules, tests/sampling/conftest.py) is installed by the Makefile
+            # with --no-deps (its dctorch dependency pins numpy<2); these are what its sampling / layers modules import
+            "scipy",
+            "torchdiffeq",
+            "einops",
             "torchsde",  # Brownian-tree noise (ldm.sampling.noise.BrownianTreeNoise, the SDE samplers' brownian=True)
             "transformers",
             "nbformat",
