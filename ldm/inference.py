@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
-from ldm.training.config import UsageError, load_config
-from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
+from ldm.errors import UserError
+from ldm.training.config import load_config
+from ldm.util import atomic_path, load_model_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("autocast", "full", "bf16")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError):
     """A user mistake in a script's flags or inputs; printed as one line `error: ...`, exit status 2."""
 
 
-USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
+# what run_cli and the web UI catch: every user mistake derives from ldm.errors.UserError
+USER_ERRORS = (UserError,)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Any],
@@ -50,7 +52,8 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         body(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        # the command line's own output (as argparse writes its usage errors), not a log record
+        sys.stderr.write(f"error: {message}\n")
         return 2
     return 0
 
@@ -101,9 +104,14 @@ def read_prompt_flags(args: argparse.Namespace) -> list[str]:
     """The prompts of --from-file, else [--prompt] (which must not be empty)."""
     if args.from_file:
         return read_prompts(args.from_file)
-    if not (args.prompt or "").strip():
-        raise ScriptError("--prompt is empty; give a prompt (or --from-file)")
-    return [args.prompt]
+    return [check_prompt(args.prompt)]
+
+
+def check_prompt(prompt: str | None, alternative: str = " (or --from-file)") -> str:
+    """The prompt, which must not be empty (`alternative` names what may be given instead)."""
+    if not (prompt or "").strip():
+        raise ScriptError(f"--prompt is empty; give a prompt{alternative}")
+    return prompt
 
 
 def check_latent_flags(args: argparse.Namespace, model: Any) -> None:
@@ -162,11 +170,16 @@ def sampler_name(args: argparse.Namespace) -> str:
 
 
 def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
-    """The eta the sampler runs with: --eta, else --ddim_eta for ddim (or for any sampler when set), else None (the
-    sampler's own default: 1 for the ancestral samplers)."""
-    if getattr(args, "eta", None) is not None:
-        return args.eta
-    return args.ddim_eta if name == "ddim" or args.ddim_eta else None
+    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
+    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+
+
+def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
+    """`eta` when given, else `ddim_eta` for ddim (or for any sampler when it is not 0), else None (the sampler's own
+    default: 1 for the ancestral samplers). The scripts' --eta / --ddim_eta and the web UI's eta follow this rule."""
+    if eta is not None:
+        return eta
+    return ddim_eta if name == "ddim" or ddim_eta else None
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,6 +305,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_seeds(first: int, count: int) -> list[int]:
+    """The seeds of `count` consecutive samples starting at `first`: sample k has its own seed first + k."""
+    return [first + k for k in range(count)]
+
+
 def image_multiple(model: Any) -> int:
     """Image sides must be multiples of this: the first stage's downsampling times the UNet's."""
     first = 2 ** int(getattr(model, "num_downs", 0) or 0)
@@ -315,10 +333,11 @@ def check_size(height: int, width: int, multiple: int, flags: tuple[str, str] = 
 
 # ----------------------------------------------------------------------------------------- conditioning
 def is_text_model(model: Any) -> bool:
-    """Whether the model is conditioned on captions."""
+    """Whether the model is conditioned on captions alone (one caption key, read by its cond stage(s))."""
     from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
 
-    return is_conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+    keys = set(getattr(model, "conditioning_input_keys", ()))
+    return is_conditional(model) and len(keys) == 1 and keys <= set(TEXT_KEYS)
 
 
 def is_class_model(model: Any) -> bool:
@@ -333,17 +352,29 @@ def is_conditional(model: Any) -> bool:
     return getattr(getattr(model, "model", None), "conditioning_key", None) is not None
 
 
-def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for captions; uc is the empty caption when scale != 1, else None."""
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+def text_conditioning(model: Any, prompts: Sequence[str], scale: float, negative_prompt: str = "") -> tuple[Any, Any]:
+    """(c, uc) role dicts for captions; uc (None when scale == 1) is the negative prompt's conditioning, or with no
+    negative prompt the model's null (the empty caption for a single text encoder)."""
+    key = model.conditioning_input_keys[0]
+    c, uc = guidance_pair(model, {key: list(prompts)}, len(prompts), scale)
+    if uc is not None and negative_prompt:
+        uc = model.get_conditioning({key: [negative_prompt] * len(prompts)})
     return c, uc
 
 
-def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
+def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale: float) -> tuple[Any, Any]:
+    """(c, uc) role dicts for raw conditioning inputs keyed by batch key; uc (None when scale == 1) is the
+    model's null conditioning for classifier-free guidance."""
+    c = model.get_conditioning(inputs)
+    uc = model.guidance_unconditional(c, batch_size, inputs=inputs) if scale != 1.0 else None
+    return c, uc
+
+
+def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float,
+                        negative_prompt: str = "") -> tuple[Any, Any]:
     """(c, uc) for a text model, (None, None) for an unconditional one; other conditionings are a user error."""
     if is_text_model(model):
-        return text_conditioning(model, prompts, scale)
+        return text_conditioning(model, prompts, scale, negative_prompt)
     if not is_conditional(model):
         return None, None
     raise ScriptError(f"the model is conditioned on '{getattr(model, 'cond_stage_key', None)}', not on text; "
@@ -351,18 +382,14 @@ def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tup
 
 
 def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
+    """(c, uc) role dicts for class labels; uc is the null class when scale != 1, else None."""
     embedder = model.cond_stage_model
     key = getattr(embedder, "key", model.cond_stage_key)
     n_classes = getattr(embedder, "n_classes", None)
     if n_classes is not None and any(not 0 <= int(label) < n_classes for label in labels):
         raise ScriptError(f"--classes: labels must lie in [0, {n_classes - 1}], got {list(labels)}")
-    c = model.get_learned_conditioning({key: torch.tensor([int(x) for x in labels], device=model.device)})
-    uc = None
-    if scale != 1.0:
-        uc = model.get_unconditional_conditioning(len(labels))
-        uc = model.get_learned_conditioning(uc) if isinstance(uc, Mapping) else uc
-    return c, uc
+    inputs = {key: torch.tensor([int(x) for x in labels], device=model.device)}
+    return guidance_pair(model, inputs, len(labels), scale)
 
 
 # ----------------------------------------------------------------------------------------- samplers
@@ -497,32 +524,32 @@ def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metada
     return path
 
 
-def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Mapping[str, Any],
-                   sample_batch: Callable[[list[str], list[int]], torch.Tensor]) -> list[str]:
-    """Run `sample_batch(prompts, seeds) -> images in [-1, 1]` over the prompts --n_iter times; write the samples
-    and the grid (unless --skip_save / --skip_grid) with metadata; returns the written paths.
+def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
+                   sample_batch: Callable[[list[str], list[int]], Any]) -> list[str]:
+    """Run `sample_batch(prompts, seeds)` (an `ldm.pipelines` task: images in [-1, 1] and their metadata) over the
+    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid); returns the paths.
 
     One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
     original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
-    (`--seed + k` with --fixed_code).
+    (`--seed + k` with --fixed_code). The grid has the first sample's metadata with all prompts and seeds.
     """
     batches = [list(prompts) * args.n_samples] if len(prompts) == 1 else list(batched(prompts, args.n_samples))
-    written, all_images, all_seeds = [], [], []
+    written, all_images, all_seeds, first_meta = [], [], [], {}
     for n in trange(args.n_iter, desc="Sampling"):
         for b, batch in enumerate(batches):
             first = args.seed if args.fixed_code else args.seed + (n * len(batches) + b) * args.n_samples
-            seeds = [first + k for k in range(len(batch))]
-            images = sample_batch(batch, seeds).detach().float().clamp(-1, 1).cpu()
+            seeds = sample_seeds(first, len(batch))
+            samples = sample_batch(batch, seeds)
             if not args.skip_save:
-                meta = [sample_metadata(prompt=p, seed=s, **common) for p, s in zip(batch, seeds)]
-                written += save_samples(images, os.path.join(args.outdir, "samples"), meta)
-            all_images.append(images)
+                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
+            all_images.append(samples.images)
             all_seeds += seeds
+            first_meta = first_meta or samples.metadata[0]
     if not args.skip_grid:
-        grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
-                                    seed=repr(all_seeds), **common)
+        grid_meta = {**first_meta, "prompt": prompts[0] if len(prompts) == 1 else repr(list(prompts)),
+                     "seed": repr(all_seeds)}
         written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 
 

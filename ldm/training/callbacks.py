@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ldm.training.evaluation import EvaluationCallback  # noqa: F401 - config target ldm.training.callbacks.EvaluationCallback
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,23 +20,31 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the original ddpm name
+    CONDITIONING_KEYS,
+    LEGACY_SLOTS,
+    check_conditioning_key,
+    to_roles,
+)
 from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
 from ldm.sampling.denoiser import ModelFn, X0Fn, x0_hook
 from ldm.sampling.loss import build_diffusion_loss, check_loss_type, elementwise_loss
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers.ddpm import ddpm
 from ldm.sampling.schedule import build_schedule
-from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
+from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
+    ConfigError,
+    count_params,
+    default,
+    disabled_train,
+    fused_adam_kwargs,
+    instantiate_from_config,
+    load_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
-
-
-def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
-    return self
 
 
 def uniform_on_device(r1: float, r2: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -85,52 +94,78 @@ class DDPM(pl.LightningModule):
         super().__init__()
         self.parameterization = check_parameterization(parameterization)
         check_loss_type(loss_type)
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
         self.cond_stage_model = None
+        self._set_data_options(first_stage_key, image_size, channels, log_every_t, clip_denoised,
+                               use_positional_encodings)
+        self._build_model(unet_config, conditioning_key, use_ema)
+        self._set_optimization_options(scheduler_config, monitor, make_it_fit)
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                               process_config=process_config)
+        self._init_logvar(learn_logvar, logvar_init)
+        self.diffusion_loss = build_diffusion_loss(loss_config, loss_type=loss_type, l_simple_weight=l_simple_weight,
+                                                   original_elbo_weight=original_elbo_weight, learn_logvar=learn_logvar)
+        self.ucg_training = dict(ucg_training or {})
+        self.ucg_prng = np.random.RandomState()
+        self._restore_from_checkpoint(ckpt_path, ignore_keys, load_only_unet, reset_ema, reset_num_ema_updates)
+
+    def _set_data_options(self, first_stage_key: str, image_size: int, channels: int, log_every_t: int,
+                          clip_denoised: bool, use_positional_encodings: bool) -> None:
+        """What the model reads from a batch and produces, and how often sampling rows are logged."""
+        if use_positional_encodings:
+            raise ConfigError("model.params.use_positional_encodings: true is not supported (the original stored it "
+                              "and, in LatentDiffusion.get_input, called a compute_latent_shifts it never defined); "
+                              "leave it false")
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
+
+    def _build_model(self, unet_config: Any, conditioning_key: Any, use_ema: bool) -> None:
+        """The denoising network in its DiffusionWrapper (`model`), and its EMA (`model_ema`) when use_ema."""
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
         if self.use_ema:
             self.model_ema = LitEma(self.model)
             logger.info("Keeping EMAs of %d parameters.", len(list(self.model_ema.buffers())))
+
+    def _set_optimization_options(self, scheduler_config: Any, monitor: str | None, make_it_fit: bool) -> None:
+        """The LR scheduler config, the monitored metric and make_it_fit (checkpoint loading)."""
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
             self.scheduler_config = scheduler_config
-        self.v_posterior = v_posterior
-        self.original_elbo_weight = original_elbo_weight
-        self.l_simple_weight = l_simple_weight
         if monitor is not None:
             self.monitor = monitor
         self.make_it_fit = make_it_fit
-        self.loss_type = loss_type
-        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
-                               process_config=process_config)
+
+    def _init_logvar(self, learn_logvar: bool, logvar_init: float) -> None:
+        """The per-timestep log-variance of the loss: a parameter when learned, else a constant tensor."""
         self.learn_logvar = learn_logvar
         logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
-        self.diffusion_loss = build_diffusion_loss(loss_config, loss_type=loss_type, l_simple_weight=l_simple_weight,
-                                                   original_elbo_weight=original_elbo_weight, learn_logvar=learn_logvar)
-        self.ucg_training = dict(ucg_training or {})
-        self.ucg_prng = np.random.RandomState()
+
+    def _restore_from_checkpoint(self, ckpt_path: str | None, ignore_keys: Any, only_model: bool, reset_ema: bool,
+                                 reset_num_ema_updates: bool) -> None:
+        """Load ckpt_path when given; reset_ema restarts the EMA from the loaded weights, reset_num_ema_updates
+        its update count."""
         if reset_ema and ckpt_path is None:
             raise ValueError("reset_ema=True needs a ckpt_path to reset from")
+        if (reset_ema or reset_num_ema_updates) and not self.use_ema:
+            raise ValueError("reset_ema / reset_num_ema_updates need use_ema=True")
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
             if reset_ema:
                 logger.info("Resetting the EMA to the loaded weights.")
                 self.model_ema = LitEma(self.model)
         if reset_num_ema_updates:
-            if not self.use_ema:
-                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
             self.model_ema.reset_num_updates()
 
     # ------------------------------------------------------------------ schedule
@@ -315,15 +350,8 @@ class DDPM(pl.LightningModule):
         return self.p_losses(x, t, *args, **kwargs)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
-        """batch[k] as a contiguous float BCHW tensor (datasets give BHWC images)."""
-        if k not in batch:
-            raise KeyError(f"batch has no key '{k}' (keys: {', '.join(map(str, batch))}); check first_stage_key / cond_stage_key")
-        x = batch[k]
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        """The images batch[k] as a float BCHW tensor (see `batch_images`)."""
+        return batch_images(batch, k)
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss on a batch."""
@@ -403,7 +431,7 @@ class DDPM(pl.LightningModule):
         timestep, or drawn with `sampler` (a name of ldm.sampling.SAMPLERS) in `ddim_steps` steps."""
         from ldm.models.diffusion.image_logging import rows_to_grid
 
-        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        x = batch_images(batch, self.first_stage_key)[:N].to(self.device)
         n_row = min(x.shape[0], n_row)
         log = {"inputs": x}
         log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
@@ -434,6 +462,23 @@ class DDPM(pl.LightningModule):
         return row
 
 
+def batch_images(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """batch[key] as a contiguous float BCHW tensor (see `images_bchw`)."""
+    if key not in batch:
+        raise KeyError(f"batch has no key '{key}' (keys: {', '.join(map(str, batch))}); check first_stage_key / "
+                       "cond_stage_key")
+    return images_bchw(batch[key])
+
+
+def images_bchw(x: Any) -> torch.Tensor:
+    """Images as datasets give them, BHWC (BHW masks get a channel), as a contiguous float BCHW tensor."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """make_it_fit: copy checkpoint tensors into differently shaped parameters, zero-filling new entries.
 
@@ -456,46 +501,31 @@ def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -
 
 
 class DiffusionWrapper(pl.LightningModule):
-    """Holds the denoising network as `diffusion_model` and routes conditioning into it."""
+    """Holds the denoising network as `diffusion_model` and maps the conditioning onto its inputs — the one place
+    that does: the role dict's `concat` is concatenated to x, `crossattn` is the context, `vector` is y."""
 
-    def __init__(self, diff_model_config: Any, conditioning_key: str | None):
+    def __init__(self, diff_model_config: Any, conditioning_key: Any):
         super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        self.conditioning_key = check_conditioning_key(conditioning_key)
         self.sequential_cross_attn = diff_model_config.pop("sequential_crossattn", False)
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the network with concat / cross-attention / ADM conditioning as configured."""
-        key = self.conditioning_key
-        if key is None:
-            return self.diffusion_model(x, t)
-        if key in ("concat", "hybrid", "hybrid-adm"):
-            self._require(c_concat, "c_concat")
-            x = torch.cat([x, *c_concat], dim=1)
-        context = None
-        if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm"):
-            self._require(c_crossattn, "c_crossattn")
-            context = list(c_crossattn) if self.sequential_cross_attn else torch.cat(c_crossattn, 1)
-        y = None
-        if key in ("hybrid-adm", "crossattn-adm"):
-            if c_adm is None:
-                raise ValueError(f"conditioning_key '{key}' needs c_adm")
-            y = c_adm
-        if key == "adm":
-            self._require(c_crossattn, "c_crossattn")
-            y = c_crossattn[0]
-        if context is None and y is None:
-            return self.diffusion_model(x, t)
-        if y is None:
-            return self.diffusion_model(x, t, context=context)
-        return self.diffusion_model(x, t, context=context, y=y)
+    def roles(self, cond: Any) -> dict[str, Any]:
+        """The role dict of `cond` in any form (role dict, tensor, list, original c_concat/c_crossattn/c_adm dict),
+        read through this model's conditioning_key (see `ldm.modules.encoders.roles.to_roles`)."""
+        return to_roles(cond, self.conditioning_key, self.sequential_cross_attn)
 
-    def _require(self, value: Any, name: str) -> None:
-        if value is None:
-            raise ValueError(f"conditioning_key '{self.conditioning_key}' needs {name}, got None")
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None,
+                c_adm: torch.Tensor | None = None, *, cond: Any = None) -> torch.Tensor:
+        """The network's output for x at t, conditioned on `cond` (any form) or the original keyword slots."""
+        legacy = {slot: value for slot, value in zip(LEGACY_SLOTS, (c_concat, c_crossattn, c_adm)) if value is not None}
+        if cond is not None and legacy:
+            raise ValueError("DiffusionWrapper: pass the conditioning either as cond= or as c_concat/c_crossattn/c_adm")
+        roles = self.roles(cond if cond is not None else legacy or None)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        return self.diffusion_model(x, t, **inputs)
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
@@ -507,6 +537,10 @@ _REEXPORTS = {
     "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+    "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
 }
 
 

@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 
 # the beta schedules live in ldm.sampling.schedule; they stay importable from here under their original path
 from ldm.sampling.schedule import BETA_SCHEDULES, betas_for_alpha_bar, make_beta_schedule, spaced_timesteps  # noqa: F401
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, mean_flat  # noqa: F401 - mean_flat: the original import path
 
 
 def make_ddim_timesteps(
@@ -86,11 +86,6 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
     for p in module.parameters():
         p.detach().mul_(scale)
     return module
-
-
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -52,6 +52,18 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm2_ancestral": SamplerSpec("euler.dpm2_ancestral", True, "karras", "zero", "sample_dpm_2_ancestral",
                                   "KDPM2AncestralDiscreteScheduler", "DPM2 a"),
     "lms": SamplerSpec("lms.lms", False, "karras", "zero", "sample_lms", "LMSDiscreteScheduler", "LMS"),
+    "dpmpp_2s_ancestral": SamplerSpec("dpmpp_sde.dpmpp_2s_ancestral", True, "karras", "zero",
+                                      "sample_dpmpp_2s_ancestral", None, "DPM++ 2S a Karras"),
+    "dpmpp_sde": SamplerSpec("dpmpp_sde.dpmpp_sde", True, "karras", "zero", "sample_dpmpp_sde",
+                             "DPMSolverSDEScheduler(use_karras_sigmas=True)", "DPM++ SDE Karras"),
+    "dpmpp_2m_sde": SamplerSpec("dpmpp_sde.dpmpp_2m_sde", True, "karras", "zero", "sample_dpmpp_2m_sde",
+                                "DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++', use_karras_sigmas=True)",
+                                "DPM++ 2M SDE Karras"),
+    "dpmpp_3m_sde": SamplerSpec("dpmpp_sde.dpmpp_3m_sde", True, "karras", "zero", "sample_dpmpp_3m_sde",
+                                "DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++', solver_order=3, "
+                                "solver_type='heun', use_karras_sigmas=True)", "DPM++ 3M SDE Karras"),
+    "unipc": SamplerSpec("unipc.unipc", False, "karras", "zero", None,
+                         "UniPCMultistepScheduler(use_karras_sigmas=True)", "UniPC"),
 }
 
 ALIASES = {"dpm": "dpmpp_2m", "dpm_solver": "dpmpp_2m"}
