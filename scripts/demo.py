@@ -1,5 +1,7 @@
 """The shapes demo (`make demo`): train a small autoencoder, then a text-conditioned latent diffusion model on
 procedural shapes with `main.py` on CPU, sample a grid of captions with classifier-free guidance and score it.
+Each stage is time-budgeted (lightning.trainer.max_time): on a busy machine it trains fewer steps, finishes in time
+and prints how many steps it trained.
 
     python scripts/demo.py                                   # train both stages, sample, score
     python scripts/demo.py --ldm-logdir logs/demo/<run>      # sample and score a trained LDM run only
@@ -33,14 +35,17 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesValidation, caption_of  # noqa: E402
 from ldm.evaluation.shapes import autoencoder_scores, caption_adherence  # noqa: E402
-from ldm.inference import text_conditioning, to_uint8  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import atomic_path, instantiate_from_config, load_state_dict  # noqa: E402
+from ldm.inference import make_sampler, resolve_eta, sample_latents, text_conditioning, to_uint8  # noqa: E402
+from ldm.sampling import SAMPLERS  # noqa: E402
+from ldm.util import CheckpointError, atomic_path, instantiate_from_config, read_checkpoint  # noqa: E402
 
-AE_CONFIG = "configs/autoencoder/shapes-kl-f4.yaml"
-LDM_CONFIG = "configs/latent-diffusion/shapes-ldm-kl-4.yaml"
+AE_CONFIG = "configs/autoencoder/shapes-kl-f2.yaml"
+LDM_CONFIG = "configs/latent-diffusion/shapes-ldm-kl-2.yaml"
 AE_NAME, LDM_NAME = "shapes-ae", "shapes-ldm"
 TOKENIZER_KEY = "model.params.cond_stage_config.params.tokenizer_path"
+# the defaults: minutes per stage (13 of the 15), and how the LDM is sampled (see README, Demo)
+AE_MINUTES, LDM_MINUTES = 3.5, 9.5
+SAMPLER, STEPS, SCALE = "euler", 50, 4.0
 CELL = 64  # grid cell side in pixels (samples upscaled, nearest neighbour)
 
 
@@ -57,14 +62,16 @@ def get_parser() -> argparse.ArgumentParser:
     add("--ae-logdir", help="a trained shapes autoencoder run: skip stage 1")
     add("--ldm-logdir", help="a trained shapes LDM run: skip training, only sample and score")
     add("--ckpt", help="score this checkpoint of the LDM run instead of checkpoints/last.ckpt")
-    add("--ae-minutes", type=float, default=6.0, help="autoencoder training time (lightning.trainer.max_time)")
-    add("--ldm-minutes", type=float, default=7.0, help="LDM training time (lightning.trainer.max_time)")
+    add("--ae-minutes", type=float, default=AE_MINUTES, help="autoencoder training time (lightning.trainer.max_time)")
+    add("--ldm-minutes", type=float, default=LDM_MINUTES, help="LDM training time (lightning.trainer.max_time)")
     add("--ae-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 1")
     add("--ldm-override", action="append", default=[], metavar="KEY=VALUE", help="extra dotlist for stage 2")
     add("--seeds", type=int, default=2, help="samples per caption")
     add("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=list(BACKGROUNDS))
-    add("--steps", type=int, default=50, help="DDIM steps")
-    add("--scale", type=float, default=4.0, help="classifier-free guidance scale")
+    add("--sampler", default=SAMPLER, choices=list(SAMPLERS), metavar="NAME",
+        help=f"a sampler of ldm.sampling.SAMPLERS (default {SAMPLER}: {', '.join(SAMPLERS)})")
+    add("--steps", type=int, default=STEPS, help="sampling steps")
+    add("--scale", type=float, default=SCALE, help="classifier-free guidance scale")
     add("--psnr-images", type=int, default=256, help="held-out shapes for the autoencoder PSNR")
     return parser
 
@@ -81,6 +88,17 @@ def latest_run(logdir: str, name: str) -> Path:
     if not runs:
         raise DemoError(f"no run named '*_{name}' in {logdir}")
     return Path(runs[-1])
+
+
+def trained_steps(checkpoint: Path) -> int:
+    """The optimisation steps a checkpoint records (Lightning's global_step; prune_ckpt keeps it as metadata)."""
+    try:
+        _, meta = read_checkpoint(str(checkpoint))
+    except CheckpointError as err:
+        raise DemoError(str(err))
+    if "global_step" not in meta:
+        raise DemoError(f"checkpoint {checkpoint} records no global_step (is it a main.py checkpoint?)")
+    return meta["global_step"]
 
 
 def checkpoint_of(run: Path, ckpt: str | None = None) -> Path:
@@ -108,7 +126,8 @@ def train_stage(config: str, name: str, logdir: str, minutes: float, overrides: 
     run_command(command, f"training {config}")
     new = sorted(set(glob.glob(os.path.join(logdir, f"*_{name}"))) - before)
     run = Path(new[-1]) if new else latest_run(logdir, name)
-    checkpoint_of(run)
+    steps = trained_steps(checkpoint_of(run))
+    print(f"{config}: trained {steps} steps in at most {minutes:g} min", flush=True)
     return run
 
 
@@ -144,7 +163,10 @@ def load_ldm(run: Path, ckpt: str | None = None) -> Any:
     model = instantiate_from_config(config.model, path="model")
     path = checkpoint_of(run, ckpt)
     try:
-        model.load_state_dict(load_state_dict(str(path)), strict=True)
+        state, _ = read_checkpoint(str(path))
+        model.load_state_dict(state, strict=True)
+    except CheckpointError as err:
+        raise DemoError(str(err))
     except RuntimeError as err:
         raise DemoError(f"checkpoint {path} does not fit the model of {run}/configs: {str(err).splitlines()[0]}")
     return model.eval()
@@ -157,19 +179,18 @@ def demo_captions(backgrounds: Sequence[str]) -> list[str]:
 
 @torch.no_grad()
 def sample_captions(model: Any, captions: Sequence[str], seeds: Sequence[int], steps: int, scale: float,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W), one per (caption, seed) pair, by DDIM with classifier-free guidance and
-    the EMA weights; each sample's noise comes from its own seed, so it does not depend on the batch."""
+                    sampler_name: str = SAMPLER, batch_size: int = 64) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W), one per (caption, seed) pair, by a registry sampler (its default eta; 0 for
+    ddim) with classifier-free guidance and the EMA weights; each sample's noise comes from its own seed, so it does
+    not depend on the batch."""
     shape = (model.channels, model.image_size, model.image_size)
-    sampler = DDIMSampler(model)
+    sampler = make_sampler(sampler_name, model)
     images = []
     with model.ema_scope():
         for start in range(0, len(captions), batch_size):
             caps, batch_seeds = list(captions[start:start + batch_size]), list(seeds[start:start + batch_size])
             c, uc = text_conditioning(model, caps, scale)
-            z, _ = sampler.sample(S=steps, batch_size=len(caps), shape=shape, conditioning=c, eta=0.0,
-                                  unconditional_guidance_scale=scale, unconditional_conditioning=uc,
-                                  seeds=batch_seeds, verbose=False)
+            z = sample_latents(sampler, steps, c, uc, scale, resolve_eta(sampler_name, None), shape, batch_seeds)
             images.append(model.decode_first_stage(z).clamp(-1, 1))
     return torch.cat(images)
 
@@ -215,18 +236,22 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     per_caption = demo_captions(args.backgrounds)
     captions = [c for c in per_caption for _ in range(args.seeds)]
     seeds = [k for _ in per_caption for k in range(args.seeds)]
-    pixels = to_uint8(sample_captions(model, captions, seeds, args.steps, args.scale))
+    pixels = to_uint8(sample_captions(model, captions, seeds, args.steps, args.scale, args.sampler))
     adherence = caption_adherence(list(pixels), captions)
     held_out = ShapesValidation(size=model.first_stage_model.encoder.resolution, length=args.psnr_images)
     # the same judge on the autoencoder's reconstructions of real shapes: the most the LDM's samples can reach
     ae_psnr, ae_adherence = autoencoder_scores(model.first_stage_model, held_out, args.psnr_images)
-    scores = {"run": str(run), "checkpoint": str(checkpoint_of(run, args.ckpt)), "adherence": adherence.overall,
+    checkpoint = checkpoint_of(run, args.ckpt)
+    scores = {"run": str(run), "checkpoint": str(checkpoint), "ldm_steps": trained_steps(checkpoint),
+              "adherence": adherence.overall,
               "per_shape": adherence.shape_rates(), "per_color": adherence.color_rates(), "ae_psnr_db": ae_psnr,
               "ae_reconstruction_adherence": ae_adherence.overall,
-              "ddim_steps": args.steps, "guidance_scale": args.scale,
+              "sampler": args.sampler, "sampling_steps": args.steps, "guidance_scale": args.scale,
               "samples": [{"caption": c, "seed": s, "judged": list(j)}
                           for c, s, j in zip(captions, seeds, adherence.judged)]}
     write_outputs(Path(args.outdir), pixels, captions, seeds, args.backgrounds, args.seeds, scores)
+    print(f"LDM checkpoint {checkpoint} ({scores['ldm_steps']} steps), {args.sampler} {args.steps} steps, "
+          f"guidance {args.scale:g}")
     print(adherence.report())
     print(f"autoencoder PSNR on {ae_adherence.total} held-out shapes: {ae_psnr:.2f} dB; the judge agrees with the captions "
           f"of {100 * ae_adherence.overall:.1f}% of their reconstructions")

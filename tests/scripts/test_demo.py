@@ -17,6 +17,7 @@ from ldm.util import ema_state_dict, instantiate_from_config
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "scripts" / "demo.py"
 SHAPES_AE, SHAPES_LDM = "configs/autoencoder/shapes-kl-f4.yaml", "configs/latent-diffusion/shapes-ldm-kl-4.yaml"
+DEMO_AE, DEMO_LDM = "configs/autoencoder/shapes-kl-f2.yaml", "configs/latent-diffusion/shapes-ldm-kl-2.yaml"
 TWEMOJI_AE, TWEMOJI_LDM = "configs/autoencoder/twemoji-kl-f4.yaml", "configs/latent-diffusion/twemoji-ldm-kl-4.yaml"
 
 
@@ -33,9 +34,10 @@ def at_repo_root(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def test_shapes_configs_instantiate_and_fit_together(at_repo_root):
-    ae = instantiate_from_config(OmegaConf.load(SHAPES_AE).model)
-    ldm = instantiate_from_config(OmegaConf.load(SHAPES_LDM).model)
+@pytest.mark.parametrize("ae_config, ldm_config, latent", [(SHAPES_AE, SHAPES_LDM, 4), (DEMO_AE, DEMO_LDM, 8)])
+def test_shapes_configs_instantiate_and_fit_together(at_repo_root, ae_config, ldm_config, latent):
+    ae = instantiate_from_config(OmegaConf.load(ae_config).model)
+    ldm = instantiate_from_config(OmegaConf.load(ldm_config).model)
     assert isinstance(ae, AutoencoderKL) and isinstance(ldm, LatentDiffusion)
     # the LDM's first stage is the autoencoder of stage 1 with its EMA weights (what prune_ckpt.py --ema writes):
     # they load without missing keys
@@ -45,7 +47,7 @@ def test_shapes_configs_instantiate_and_fit_together(at_repo_root):
     size = ldm.first_stage_model.encoder.resolution
     x = torch.zeros(2, 3, size, size)
     z = ldm.get_first_stage_encoding(ldm.encode_first_stage(x))
-    assert z.shape == (2, ldm.channels, ldm.image_size, ldm.image_size)
+    assert z.shape == (2, ldm.channels, latent, latent) and ldm.image_size == latent
     c = ldm.get_learned_conditioning(["a red circle on a white background", ""])
     assert ldm.apply_model(z, torch.tensor([1, 999]), c).shape == z.shape
     assert ldm.ucg_training["caption"]["p"] > 0
@@ -55,6 +57,9 @@ def test_max_time_and_missing_runs_are_named():
     demo = load_demo()
     assert demo.max_time(3.5) == "00:00:03:30"
     assert demo.max_time(90) == "00:01:30:00"
+    # the demo trains the f2 pair (8x8 latents) and samples the flow model with Euler
+    assert (demo.AE_CONFIG, demo.LDM_CONFIG) == (DEMO_AE, DEMO_LDM)
+    assert OmegaConf.load(REPO / DEMO_LDM).model.params.parameterization == "flow" and demo.SAMPLER == "euler"
     assert len(demo.demo_captions(["white"])) == 21
 
 
@@ -105,11 +110,14 @@ def test_demo_pipeline_trains_samples_and_scores(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "caption adherence:" in result.stdout and "autoencoder PSNR" in result.stdout
     assert "time LDM training" in result.stdout
+    # each stage says how many steps it trained (what a busy machine cuts short)
+    assert f"{DEMO_AE}: trained 3 steps" in result.stdout and f"{DEMO_LDM}: trained 3 steps" in result.stdout
     out = tmp_path / "out"
     assert (out / "grid.png").is_file()
     assert len(list((out / "samples").glob("*.png"))) == 21
     scores = json.loads((out / "scores.json").read_text())
-    assert 0.0 <= scores["adherence"] <= 1.0 and len(scores["samples"]) == 21
+    assert 0.0 <= scores["adherence"] <= 1.0 and len(scores["samples"]) == 21 and scores["ldm_steps"] == 3
+    assert scores["sampler"] == "euler"
     assert set(scores["per_shape"]) == {"circle", "square", "triangle"}
     # the LDM run read the autoencoder of stage 1
     ldm_run = Path(scores["run"])
