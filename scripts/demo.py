@@ -238,7 +238,11 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict[str, Any]:
     seeds = [k for _ in per_caption for k in range(args.seeds)]
     pixels = to_uint8(sample_captions(model, captions, seeds, args.steps, args.scale, args.sampler))
     adherence = caption_adherence(list(pixels), captions)
-    held_out = ShapesValidation(size=model.first_stage_model.encoder.resolution, length=args.psnr_images)
+    # held-out shapes of the run's own validation data (its size_range), at the autoencoder's resolution
+    params = OmegaConf.select(project_config(run), "data.params.validation.params", default=None) or {}
+    size_range = {"size_range": list(params["size_range"])} if "size_range" in params else {}
+    held_out = ShapesValidation(size=model.first_stage_model.encoder.resolution, length=args.psnr_images,
+                                **size_range)
     # the same judge on the autoencoder's reconstructions of real shapes: the most the LDM's samples can reach
     ae_psnr, ae_adherence = autoencoder_scores(model.first_stage_model, held_out, args.psnr_images)
     checkpoint = checkpoint_of(run, args.ckpt)
