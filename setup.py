@@ -11,7 +11,7 @@ setup(
         "torchvision",
         "numpy",
         "omegaconf>=2.3",
-        "lightning>=2.2",
+        "pytorch-lightning>=2.2",
         "safetensors",
         "pillow",
         "tqdm",

@@ -4,12 +4,14 @@ Everything here raises `UsageError` (one line, naming the flag, file or config k
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import glob
 import inspect
 import logging
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import UserError
+from ldm.util import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,17 @@ RESERVED_TRAINER_KEYS = {"logger": "lightning.logger", "callbacks": "lightning.c
 # Trainer arguments Lightning refuses for LightningModules that optimise manually
 MANUAL_OPTIMIZATION_UNSUPPORTED = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 TRUE_WORDS, FALSE_WORDS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+# Trainer arguments that take objects, not command-line text (set them in lightning.trainer)
+OBJECT_TRAINER_KEYS = ("plugins",)
+# the `lightning:` sections main.py reads, and what each holds
+LIGHTNING_KEYS = {
+    "trainer": "Trainer arguments",
+    "logger": "the logger's target/params",
+    "modelcheckpoint": "ModelCheckpoint params (or target/params)",
+    "callbacks": "named callbacks' target/params",
+    "strategy": "the strategy's target/params (generative-models' main.py)",
+    "find_unused_parameters": "DDP's find_unused_parameters (SD 2's inpainting config)",
+}
 
 
 class UsageError(UserError):
@@ -47,6 +61,89 @@ def str2bool(value: Any) -> bool:
     if text in FALSE_WORDS:
         return False
     raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainerFlag:
+    """A `--<name>` flag for one Trainer argument; `kinds` are the types its annotation (or default) allows
+    and `choices` its Literal values, if any. `parse` turns the command-line text into the first allowed value."""
+
+    name: str
+    kinds: tuple[type, ...]
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def takes_bool(self) -> bool:
+        return bool in self.kinds or any(isinstance(c, bool) for c in self.choices)
+
+    @property
+    def bool_only(self) -> bool:
+        return self.takes_bool and not [k for k in self.kinds if k is not bool] and \
+            all(isinstance(c, bool) for c in self.choices)
+
+    def _allowed(self, value: Any) -> bool:
+        if self.choices and value in self.choices and type(value) in {type(c) for c in self.choices}:
+            return True
+        kind = type(value)
+        return kind in self.kinds or (kind is int and float in self.kinds)
+
+    def parse(self, text: str) -> Any:
+        """'2' -> 2, '0.5' -> 0.5, 'true' -> True, '[0, 1]' -> [0, 1], else the text, as the annotation allows."""
+        candidates: list[Any] = []
+        for convert in (int, float):
+            with contextlib.suppress(ValueError):
+                candidates.append(convert(text))
+        if text.lower() in TRUE_WORDS + FALSE_WORDS and not text.isdigit():
+            candidates.insert(0, str2bool(text))
+        elif text in ("0", "1") and self.bool_only:
+            candidates.insert(0, text == "1")
+        if text[:1] in "[{":
+            with contextlib.suppress(yaml.YAMLError):
+                candidates.append(yaml.safe_load(text))
+        candidates.append(text)
+        for value in candidates:
+            if self._allowed(value):
+                return value
+        expected = ", ".join([k.__name__ for k in self.kinds] + [repr(c) for c in self.choices])
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+
+
+def _annotation_kinds(annotation: Any) -> tuple[set[type], list[Any]]:
+    """The plain types (bool, int, float, str, list, dict) and Literal values an annotation allows."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return set(), list(typing.get_args(annotation))
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        kinds: set[type] = set()
+        choices: list[Any] = []
+        for arg in typing.get_args(annotation):
+            more, values = _annotation_kinds(arg)
+            kinds |= more
+            choices += values
+        return kinds, choices
+    plain = origin or annotation
+    return ({plain} if plain in (bool, int, float, str, list, dict) else set()), []
+
+
+def trainer_flags() -> dict[str, TrainerFlag]:
+    """One flag per argument of `pytorch_lightning.Trainer.__init__` that takes command-line values, typed from
+    its annotation (from its default where it has none), as Lightning 1's `Trainer.add_argparse_args` did."""
+    import pytorch_lightning as pl
+
+    hints = typing.get_type_hints(pl.Trainer.__init__)
+    flags = {}
+    for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
+        if name == "self" or name in RESERVED_TRAINER_KEYS or name in OBJECT_TRAINER_KEYS:
+            continue
+        annotation = hints.get(name, inspect.Parameter.empty)
+        if annotation is inspect.Parameter.empty:
+            kinds, choices = ({type(param.default)} if param.default not in (None, inspect.Parameter.empty)
+                              else {str}), []
+        else:
+            kinds, choices = _annotation_kinds(annotation)
+        if kinds or choices:
+            flags[name] = TrainerFlag(name, tuple(sorted(kinds, key=lambda k: k.__name__)), tuple(choices))
+    return flags
 
 
 @dataclass
@@ -146,6 +243,23 @@ def split_base_and_overrides(base: Sequence[str], unknown: Sequence[str]) -> tup
     return files, dotlist + list(unknown)
 
 
+def parse_overrides(dotlist: Sequence[str]) -> DictConfig:
+    """The `key=value` overrides as one config; a malformed one (empty key part, value that is not YAML, e.g.
+    `model.params=[1,`) is a UsageError naming it."""
+    for item in dotlist:
+        key, _, value = item.partition("=")
+        if not all(key.split(".")):
+            raise UsageError(f"config override '{item}': the key '{key}' has an empty part; expected "
+                             "dotted.key=value (e.g. model.params.base_learning_rate=1e-5)")
+        try:
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            problem = getattr(err, "problem", None) or first_line(err)
+            raise UsageError(f"config override '{item}': the value '{value}' is not valid YAML ({problem}); "
+                             "expected a YAML value such as 1e-5, [1, 2], {a: 1} or a string")
+    return OmegaConf.from_dotlist(list(dotlist))
+
+
 def load_config(files: Sequence[str], dotlist: Sequence[str]) -> tuple[DictConfig, DictConfig]:
     """Merge the config files left to right and the dotlist over them; split off the `lightning` section."""
     configs = []
@@ -155,26 +269,28 @@ def load_config(files: Sequence[str], dotlist: Sequence[str]) -> tuple[DictConfi
         try:
             loaded = OmegaConf.load(path)
         except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
-            raise UsageError(f"config file '{path}' is not valid YAML: {_first_line(err)}") from err
+            raise UsageError(f"config file '{path}' is not valid YAML: {first_line(err)}") from err
         if not isinstance(loaded, DictConfig):
             raise UsageError(f"config file '{path}' must hold a mapping (model:, data:, lightning:) at the top level")
         configs.append(loaded)
+    overrides = parse_overrides(dotlist)
     try:
-        overrides = OmegaConf.from_dotlist(list(dotlist))
         config = OmegaConf.merge(*configs, overrides)
     except (OmegaConfBaseException, ValueError) as err:
-        raise UsageError(f"config overrides {' '.join(dotlist)}: {_first_line(err)}") from err
+        raise UsageError(f"config overrides {' '.join(dotlist)}: {first_line(err)}") from err
     if not isinstance(config.get("model"), DictConfig):
         sources = " ".join(files) or "(no -b files)"
         raise UsageError(f"the merged config from {sources} has no 'model' section; "
                          "expected model: {target: ..., params: ...}")
     lightning = config.pop("lightning", None)
-    return config, lightning if isinstance(lightning, DictConfig) else OmegaConf.create()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    lightning = lightning if isinstance(lightning, DictConfig) else OmegaConf.create()
+    for key in lightning:
+        if key not in LIGHTNING_KEYS:
+            close = difflib.get_close_matches(str(key), list(LIGHTNING_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UsageError(f"lightning.{key} is not a section main.py reads; {hint}known: "
+                             + ", ".join(f"{name} ({what})" for name, what in LIGHTNING_KEYS.items()))
+    return config, lightning
 
 
 def parse_gpus(gpus: Any) -> tuple[str, Any]:
@@ -195,9 +311,9 @@ def parse_gpus(gpus: Any) -> tuple[str, Any]:
 def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None) -> dict[str, Any]:
     """The Trainer's keyword arguments: `lightning.trainer` with the command-line flags over it, Lightning 1
     spellings (gpus, accelerator: ddp, replace_sampler_ddp) translated, every key checked against Trainer."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-    from lightning.pytorch.strategies import StrategyRegistry
+    import pytorch_lightning as pl
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
 
     options = OmegaConf.to_container(trainer_cfg, resolve=True) if trainer_cfg is not None else {}
     if not isinstance(options, dict):
@@ -224,7 +340,7 @@ def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UsageError(f"lightning.trainer.{key} is not an argument of lightning.pytorch.Trainer{hint}")
+            raise UsageError(f"lightning.trainer.{key} is not an argument of pytorch_lightning.Trainer{hint}")
     return options
 
 

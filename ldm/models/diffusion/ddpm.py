@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 (unconditional / class / text), scale_by_std, checkpoints, frozen first stage, sampling, image logs."""
 import copy
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
