@@ -23,8 +23,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
 from ldm.errors import UserError
-from ldm.training.config import (LOGDIR_ENV, RunDir, UsageError, drop_manual_optimization_options, learning_rate,
-                                 load_config, resolve_run, split_base_and_overrides, str2bool, trainer_flags,
+from ldm.training.config import (LOGDIR_ENV, RESUME_FROM_CHECKPOINT, RunDir, UsageError,
+                                 drop_manual_optimization_options, learning_rate, load_config, resolve_run,
+                                 split_base_and_overrides, start_from_checkpoint, str2bool, trainer_flags,
                                  trainer_options)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
 from ldm.training.trainer import build_trainer
@@ -60,6 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="scale base_lr by accumulate_grad_batches * devices * nodes * batch_size")
     trainer = parser.add_argument_group("pytorch_lightning.Trainer arguments (over lightning.trainer in the config)")
     trainer.add_argument("--gpus", type=str, default=None, help="Lightning 1 style GPU ids: '0,' or '0,1' or a count")
+    trainer.add_argument(f"--{RESUME_FROM_CHECKPOINT}", type=str, default=None, metavar="CKPT",
+                         help="Lightning 1's Trainer argument: start this (new, -n) run from a checkpoint's training "
+                              "state")
     for name, flag in TRAINER_FLAGS.items():
         allowed = "/".join([kind.__name__ for kind in flag.kinds] + [repr(c) for c in flag.choices])
         trainer.add_argument(f"--{name}", type=flag.parse, default=None, metavar=name.upper(),
@@ -109,8 +113,9 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
         raise UsageError("no config: pass -b/--base config.yaml (or -r/--resume a run directory with configs/)")
     config, lightning_config = load_config(run.saved_configs + files, dotlist)
     seed_everything(opt.seed, workers=True)
-    flags = {key: getattr(opt, key) for key in TRAINER_FLAGS}
+    flags = {key: getattr(opt, key) for key in [*TRAINER_FLAGS, RESUME_FROM_CHECKPOINT]}
     options = trainer_options(lightning_config.get("trainer"), flags, opt.gpus)
+    start_from_checkpoint(options, run)
     needs_data = opt.train or not opt.no_test
     if needs_data and not isinstance(config.get("data"), DictConfig):
         raise UsageError("the merged config has no 'data' section; expected data: {target: "

@@ -269,6 +269,28 @@ def test_exception_inside_training_leaves_last_ckpt(tmp_path, monkeypatch, main_
     assert signal.getsignal(signal.SIGUSR1) is handler  # main() restored what it replaced
 
 
+def test_resume_from_checkpoint_starts_a_new_run_from_the_training_state(tmp_path, monkeypatch, main_module):
+    """The original main.py's advice: -n <name> with Lightning 1's --resume_from_checkpoint starts a new run directory
+    from another run's checkpoint, its step and optimizer state included."""
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "rec")
+    config["lightning"]["trainer"]["enable_progress_bar"] = False
+    path = str(write_config(tmp_path, config))
+    assert main_module.main(["-b", path, "-t", "-l", "logs", "--max_steps", "2", "--no-test"]) == 0
+    (first,) = run_dirs(tmp_path)
+    ckpt = str(first / "checkpoints" / "last.ckpt")
+    assert main_module.main(["-b", path, "-t", "-l", "logs", "-n", "again", "--resume_from_checkpoint", ckpt,
+                             "--max_steps", "3", "--no-test"]) == 0
+    second = [run for run in run_dirs(tmp_path) if run != first]
+    assert len(second) == 1 and second[0].name.endswith("_again")
+    start = read_json(tmp_path / "rec" / "rank0_start.json")
+    assert start["global_step"] == 2 and start["adam_step"] == 2  # the training state came along
+    assert ckpt_step(second[0] / "checkpoints" / "last.ckpt") == 3 and ckpt_step(ckpt) == 2
+    saved = OmegaConf.load(next((second[0] / "configs").glob("*-lightning.yaml")))
+    assert "resume_from_checkpoint" not in saved.lightning.trainer  # a later -r resumes from the run's own last.ckpt
+
+
 def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, main_module):
     """A config written for the originals names pytorch_lightning.* callbacks and loggers; one written for the
     `lightning` package names lightning.pytorch.*. Both train with our Trainer, as the one checkpoint callback
@@ -366,6 +388,8 @@ BAD_LOSS_AUTOENCODER = {
     (["-b", "{tiny}", "-t", "lightning.callbacks.image_logger.params.batch_frequency=0"],
      "config 'lightning.callbacks.image_logger': main.ImageLogger rejected its parameters: ValueError: ImageLogger "
      "batch_frequency must be a positive integer, got 0"),
+    (["-b", "{tiny}", "-t", "--resume_from_checkpoint", "nowhere.ckpt"],
+     "--resume_from_checkpoint: checkpoint 'nowhere.ckpt' does not exist"),
     (["-b", "{tiny}", "-t", "lightning.strategy.target=pytorch_lightning.strategies.DDPStrategy", "--strategy", "ddp"],
      "lightning.strategy and lightning.trainer.strategy / --strategy both name the strategy"),
 ])

@@ -34,6 +34,8 @@ RESERVED_TRAINER_KEYS = {"logger": "lightning.logger", "callbacks": "lightning.c
 # Trainer arguments Lightning refuses for LightningModules that optimise manually
 MANUAL_OPTIMIZATION_UNSUPPORTED = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
 TRUE_WORDS, FALSE_WORDS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+# Lightning 1's Trainer argument for starting from a checkpoint's training state (fit's ckpt_path in Lightning 2)
+RESUME_FROM_CHECKPOINT = "resume_from_checkpoint"
 # Trainer arguments that take objects, not command-line text (set them in lightning.trainer)
 OBJECT_TRAINER_KEYS = ("plugins",)
 # the `lightning:` sections main.py reads, and what each holds
@@ -178,7 +180,8 @@ def resolve_run(now: str, name: str | None, resume: str | None, base: Sequence[s
     if resume:
         if name:
             raise UsageError("-n/--name and -r/--resume cannot be used together: a resumed run keeps its directory; "
-                             "to start a new run from a checkpoint use -n with model.params.ckpt_path=<file>")
+                             "to start a new run from a checkpoint use -n with --resume_from_checkpoint <file> (its "
+                             "training state) or model.params.ckpt_path=<file> (its weights)")
         return _resumed_run(now, resume)
     if name:
         suffix = "_" + name
@@ -334,6 +337,7 @@ def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None
         logger.warning("lightning.trainer.replace_sampler_ddp is called use_distributed_sampler in Lightning 2")
         options.setdefault("use_distributed_sampler", options.pop("replace_sampler_ddp"))
     accepted = [p for p in inspect.signature(pl.Trainer.__init__).parameters if p != "self"]
+    accepted.append(RESUME_FROM_CHECKPOINT)  # Lightning 1's; main.py hands it to fit (start_from_checkpoint)
     for key in options:
         if key in RESERVED_TRAINER_KEYS:
             raise UsageError(f"lightning.trainer.{key} is set by main.py; use {RESERVED_TRAINER_KEYS[key]} instead")
@@ -342,6 +346,22 @@ def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UsageError(f"lightning.trainer.{key} is not an argument of pytorch_lightning.Trainer{hint}")
     return options
+
+
+def start_from_checkpoint(options: dict[str, Any], run: RunDir) -> None:
+    """Lightning 1's `resume_from_checkpoint` (--flag or lightning.trainer key; the original main.py pairs it with
+    -n): this new run starts from that checkpoint's whole training state (weights, optimizers, step), as
+    Lightning 2's `fit(ckpt_path=...)` does; the option itself leaves the Trainer's arguments."""
+    path = options.pop(RESUME_FROM_CHECKPOINT, None)
+    if not path:
+        return
+    if run.resume_ckpt:
+        raise UsageError("--resume_from_checkpoint / lightning.trainer.resume_from_checkpoint cannot be combined with "
+                         "-r/--resume, which continues a run from its own checkpoint")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume_from_checkpoint: checkpoint '{path}' does not exist")
+    logger.info("starting run %s from the training state in %s", run.logdir, path)
+    run.resume_ckpt = str(path)
 
 
 def drop_manual_optimization_options(options: dict[str, Any], model: Any) -> list[str]:
