@@ -130,9 +130,16 @@ def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: 
     add("--skip_save", action="store_true", help="do not write the individual samples")
 
 
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+def add_guidance_rescale_flag(parser: argparse.ArgumentParser) -> None:
+    """--guidance_rescale (Lin et al. 2023, eq. 15-16)."""
+    parser.add_argument("--guidance_rescale", type=float, default=0.0,
+                        help="rescale classifier-free guidance towards the conditional output's std (Lin et al. 2023; "
+                             "0: off, 0.7 typical)")
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser, eta_flag: bool = True) -> None:
     """--sampler NAME (any of ldm.sampling.SAMPLERS), --plms and --dpm/--dpm_solver (the original flags, aliases),
-    --schedule (the noise-level spacing), --eta and --guidance_rescale."""
+    --schedule (the noise-level spacing), --eta (unless the script has its own) and --guidance_rescale."""
     from ldm.sampling import ALIASES, SAMPLERS as REGISTRY
     from ldm.sampling.schedule import SPACINGS
 
@@ -144,10 +151,10 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         help="DPM-Solver++(2M) with the timesteps of the original --dpm (the DPMSolverSampler class)")
     add("--schedule", dest="spacing", choices=SPACINGS, default=None,
         help="noise-level spacing (default: the sampler's): karras, exponential, trailing, ...")
-    add("--eta", type=float, default=None,
-        help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
-    add("--guidance_rescale", type=float, default=0.0,
-        help="rescale classifier-free guidance towards the conditional std (Lin et al. 2023; 0: off, 0.7 typical)")
+    if eta_flag:
+        add("--eta", type=float, default=None,
+            help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
+    add_guidance_rescale_flag(parser)
 
 
 def sampler_name(args: argparse.Namespace) -> str:
@@ -161,18 +168,30 @@ def sampler_name(args: argparse.Namespace) -> str:
     return getattr(args, "sampler", None) or (chosen[0] if chosen else "ddim")
 
 
-def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
-    """The eta the sampler runs with: --eta, else --ddim_eta for ddim (or for any sampler when set), else None (the
-    sampler's own default: 1 for the ancestral samplers)."""
+def sampler_eta(args: argparse.Namespace, name: str, ddim_default: float | None = None) -> float | None:
+    """The eta the sampler runs with: --eta, else --ddim_eta for ddim (or for any sampler when set, else the
+    script's `ddim_default`), else None (the sampler's own default: 1 for the ancestral samplers)."""
     if getattr(args, "eta", None) is not None:
         return args.eta
-    return args.ddim_eta if name == "ddim" or args.ddim_eta else None
+    ddim_eta = getattr(args, "ddim_eta", None)
+    if name == "ddim":
+        return ddim_eta if ddim_eta is not None else ddim_default
+    return ddim_eta or None
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """make_sampler's options from the flags (the spacing of --schedule)."""
     spacing = getattr(args, "spacing", None)
     return {"spacing": spacing} if spacing else {}
+
+
+def sampler_from_args(args: argparse.Namespace, model: Any, steps: int,
+                      ddim_default: float | None = None) -> tuple[str, Any, float | None]:
+    """(name, sampler, eta) the sampler flags ask for, checked against the model before anything runs."""
+    name = sampler_name(args)
+    eta, options = sampler_eta(args, name, ddim_default), sampler_options(args)
+    check_steps(name, steps, eta, model, **options)
+    return name, make_sampler(name, model, **options), eta
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -400,7 +419,7 @@ def check_steps(sampler_name: str, steps: int, eta: float | None, model: Any, **
         raise ScriptError(f"--steps {steps}: {err}") from err
 
 
-def sample_latents(sampler: Any, steps: int, c: Any, uc: Any, scale: float, eta: float, shape: Sequence[int],
+def sample_latents(sampler: Any, steps: int, c: Any, uc: Any, scale: float, eta: float | None, shape: Sequence[int],
                    seeds: Sequence[int], **kwargs: Any) -> torch.Tensor:
     """Latents from a sampler with per-sample seeds (sample i depends on seeds[i] only)."""
     samples, _ = sampler.sample(S=steps, conditioning=c, batch_size=len(seeds), shape=list(shape),

@@ -37,6 +37,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     add("--strength", type=float, default=0.75, help="how much of the image to renoise, in [0, 1]")
     inf.add_sampling_flags(parser, n_iter=1, n_samples=2, scale=5.0)
+    inf.add_guidance_rescale_flag(parser)
     inf.add_model_flags(parser, DEFAULT_CONFIG, DEFAULT_CKPT)
     return parser
 
@@ -62,14 +63,15 @@ def check_flags(args: argparse.Namespace, model: object) -> None:
 
 
 def renoise_and_denoise(sampler: DDIMSampler, z0: torch.Tensor, t_enc: int, c: object, uc: object, scale: float,
-                        seeds: Sequence[int]) -> torch.Tensor:
+                        seeds: Sequence[int], guidance_rescale: float = 0.0) -> torch.Tensor:
     """Noise z0 to DDIM step t_enc - 1 with per-sample seeded noise, then run the first t_enc steps back."""
     if t_enc == 0:
         return z0
     noise = SeededNoise(seeds, z0.device).randn(z0.shape)
     t = torch.full((z0.shape[0],), t_enc - 1, dtype=torch.long, device=z0.device)
     z_enc = sampler.stochastic_encode(z0, t, noise=noise)
-    return sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uc)
+    return sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                          guidance_rescale=guidance_rescale)
 
 
 def generate(args: argparse.Namespace) -> list[str]:
@@ -92,7 +94,8 @@ def generate(args: argparse.Namespace) -> list[str]:
         def sample_batch(batch: list[str], seeds: list[int]) -> torch.Tensor:
             c, uc = inf.prompt_conditioning(model, batch, args.scale)
             z0 = z_init.expand(len(batch), *z_init.shape[1:])
-            return model.decode_first_stage(renoise_and_denoise(sampler, z0, t_enc, c, uc, args.scale, seeds))
+            return model.decode_first_stage(renoise_and_denoise(sampler, z0, t_enc, c, uc, args.scale, seeds,
+                                                                args.guidance_rescale))
 
         return inf.sample_prompts(args, prompts, common, sample_batch)
 

@@ -9,8 +9,8 @@ with PNG metadata. Three kinds of checkpoints work:
   masked image's latent, and the prompt by cross-attention);
 - latent-diffusion's inpainting model (`LatentDiffusion` with concat conditioning on the masked image through the
   first stage, plus the mask);
-- any other text-conditioned or unconditional model: the known region's latent is pasted in at every DDIM step
-  (`DDIMSampler.sample(mask=..., x0=...)`, where mask 1 marks what is kept).
+- any other text-conditioned or unconditional model: the known region's latent is pasted in at every step
+  (the sampler's `mask` / `x0`, where mask 1 marks what is kept; any `--sampler`).
 In every case the unmasked pixels of the result are the input's.
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v2-inpainting-inference.yaml"
 DEFAULT_CKPT = "models/ldm/inpainting/512-inpainting-ema.ckpt"
@@ -60,6 +59,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--outdir", type=str, default="outputs/inpainting_results", help="where to write")
     add("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="DDIM steps")
     add("--ddim_eta", type=float, default=0.0, help="eta of DDIM (0: deterministic)")
+    inf.add_sampler_flags(parser)
     add("--prompt", type=str, default="", help="what to paint, for text-conditioned models")
     add("--scale", type=float, default=1.0, help="classifier-free guidance scale for text models (1: none)")
     add("--seed", type=int, default=42, help="seed of the first image (image i uses seed + i)")
@@ -116,14 +116,15 @@ def kind_of(model: object) -> str:
     return "sampler-mask"
 
 
-def inpaint_latent(model: object, sampler: DDIMSampler, job: Job, args: argparse.Namespace, seed: int,
-                   kind: str) -> torch.Tensor:
+def inpaint_latent(model: object, sampler: object, job: Job, args: argparse.Namespace, seed: int,
+                   kind: str, eta: float | None = None) -> torch.Tensor:
     """The sampled latent for one job."""
     masked = job.image * (1 - job.mask)
     factor = inf.first_stage_factor(model)
     size = (job.image.shape[2] // factor, job.image.shape[3] // factor)
     shape = (model.channels, *size)
-    sample = dict(sampler=sampler, steps=args.steps, scale=args.scale, eta=args.ddim_eta, shape=shape, seeds=[seed])
+    sample = dict(sampler=sampler, steps=args.steps, scale=args.scale, eta=eta, shape=shape, seeds=[seed],
+                  guidance_rescale=args.guidance_rescale)
     if kind == "ldm-inpainting":  # latent-diffusion's inpaint.py: masked image through the first stage, then mask
         c = model.get_learned_conditioning(masked)
         c = torch.cat([c, F.interpolate(job.mask, size=c.shape[-2:])], dim=1)
@@ -146,19 +147,18 @@ def generate(args: argparse.Namespace) -> list[str]:
     pairs = find_pairs(args)
     model, device, ckpt = inf.load_from_args(args)
     jobs = read_jobs(pairs, inf.image_multiple(model), device)
-    inf.check_steps("ddim", args.steps, args.ddim_eta, model)
+    name, sampler, eta = inf.sampler_from_args(args, model, args.steps)
     if not args.prompt and inf.is_text_model(model):
         print("note: --prompt is empty; the model fills the region unconditionally")
     kind = kind_of(model)
-    sampler = DDIMSampler(model)
     written = []
     with torch.no_grad(), inf.autocast(args.precision, device):
         for i, job in enumerate(tqdm(jobs, desc="Inpainting")):
             seed = args.seed + i
-            predicted = model.decode_first_stage(inpaint_latent(model, sampler, job, args, seed, kind))
+            predicted = model.decode_first_stage(inpaint_latent(model, sampler, job, args, seed, kind, eta))
             result = (1 - job.mask) * job.image + job.mask * predicted.float().clamp(-1, 1)
-            meta = inf.sample_metadata(prompt=args.prompt, seed=seed, sampler="ddim", steps=args.steps,
-                                       scale=args.scale, eta=args.ddim_eta, mode=kind,
+            meta = inf.sample_metadata(prompt=args.prompt, seed=seed, sampler=name, schedule=args.spacing,
+                                       steps=args.steps, scale=args.scale, eta=eta, mode=kind,
                                        image=os.path.basename(job.image_path), mask=os.path.basename(job.mask_path),
                                        checkpoint=inf.checkpoint_label(ckpt))
             path = os.path.join(args.outdir, job.name)

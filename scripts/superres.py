@@ -42,6 +42,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--outdir", default="outputs/superres-samples", help="where to write <name>.png")
     add("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="DDIM steps")
     add("--ddim_eta", type=float, default=0.0, help="eta of DDIM (0: deterministic)")
+    inf.add_sampler_flags(parser)
     add("--prompt", default="", help="text guiding the x4 upscaler")
     add("--scale", type=float, default=9.0, help="classifier-free guidance scale for the x4 upscaler (1: none)")
     add("--noise_level", type=int, default=20, help="noise augmentation of the input for the x4 upscaler")
@@ -88,8 +89,7 @@ def generate(args: argparse.Namespace) -> list[str]:
     model, device, ckpt = inf.load_from_args(args)
     kind = kind_of(model, ckpt)
     lows = [(path, inf.image_to_tensor(inf.read_image(path, "--image"), device)) for path in args.image]
-    inf.check_steps("ddim", args.steps, args.ddim_eta, model)
-    sampler = inf.make_sampler("ddim", model)
+    name, sampler, eta = inf.sampler_from_args(args, model, args.steps)
     unet_multiple = inf.image_multiple(model) // inf.first_stage_factor(model)
     written = []
     with torch.no_grad(), inf.autocast(args.precision, device):
@@ -100,10 +100,11 @@ def generate(args: argparse.Namespace) -> list[str]:
                                       f"multiples of {unet_multiple} (the UNet's downsampling)")
         for i, (path, c, uc, scale, size) in enumerate(tqdm(prepared, desc="Upscaling")):
             seed = args.seed + i
-            z = inf.sample_latents(sampler, args.steps, c, uc, scale, args.ddim_eta, (model.channels, *size), [seed])
+            z = inf.sample_latents(sampler, args.steps, c, uc, scale, eta, (model.channels, *size), [seed],
+                                   guidance_rescale=args.guidance_rescale)
             image = model.decode_first_stage(z).float().clamp(-1, 1)
-            meta = inf.sample_metadata(prompt=args.prompt if kind == "upscaler" else None, seed=seed, sampler="ddim",
-                                       steps=args.steps, scale=scale, eta=args.ddim_eta, mode=kind,
+            meta = inf.sample_metadata(prompt=args.prompt if kind == "upscaler" else None, seed=seed, sampler=name,
+                                       schedule=args.spacing, steps=args.steps, scale=scale, eta=eta, mode=kind,
                                        noise_level=args.noise_level if kind == "upscaler" else None,
                                        image=os.path.basename(path), checkpoint=inf.checkpoint_label(ckpt))
             out = os.path.join(args.outdir, Path(path).stem + ".png")

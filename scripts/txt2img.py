@@ -50,7 +50,7 @@ def latent_shape(args: argparse.Namespace, model: object) -> tuple[int, int, int
 
 def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt n_iter times; returns the written paths."""
-    name = inf.sampler_name(args)
+    inf.sampler_name(args)  # conflicting sampler flags fail before the model loads
     inf.check_counts(args)
     prompts = inf.read_prompt_flags(args)
     model, device, ckpt = inf.load_from_args(args)
@@ -58,10 +58,8 @@ def generate(args: argparse.Namespace) -> list[str]:
         raise inf.ScriptError(f"the model of '{ckpt}' is not conditioned on text (cond_stage_key "
                               f"{getattr(model, 'cond_stage_key', None)!r}); use scripts/sample_diffusion.py")
     shape = latent_shape(args, model)
-    eta, options = inf.sampler_eta(args, name), inf.sampler_options(args)
-    inf.check_steps(name, args.steps, eta, model, **options)
+    name, sampler, eta = inf.sampler_from_args(args, model, args.steps)
     inf.seed_everything(args.seed)
-    sampler = inf.make_sampler(name, model, **options)
     common = dict(sampler=name, schedule=args.spacing, steps=args.steps, scale=args.scale, eta=eta,
                   guidance_rescale=args.guidance_rescale or None, checkpoint=inf.checkpoint_label(ckpt), H=args.H,
                   W=args.W)
