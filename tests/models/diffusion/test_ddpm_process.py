@@ -94,3 +94,13 @@ def test_log_images_draws_with_a_registry_sampler_on_any_process() -> None:
         assert log["samples"].shape == (2, 3, 8, 8) and bool(torch.isfinite(log["samples"]).all())
         assert log["denoise_row"].shape[0] == 3  # one grid image of the intermediates
     assert model.schedule == FlowSchedule() and math.isinf(model.schedule.sigma_max)  # heun ran from pure noise
+
+
+def test_a_checkpoint_with_another_schedule_is_warned_about(caplog) -> None:
+    model, other = make_ddpm(), make_ddpm(linear_end=0.02)
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(make_ddpm().state_dict())
+    assert "differ from the schedule" not in caplog.text
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(other.state_dict())
+    assert "checkpoint's alphas_cumprod differ from the schedule of the config" in caplog.text
