@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.models.diffusion.sampler import (  # noqa: F401  (check_conditioning_batch, noise_source: original helpers)
+from ldm.models.diffusion.sampler import (  # noqa: F401  (StepReporter and the checks: importable from here as before)
     Sampler,
     StepReporter,
     check_conditioning_batch,
