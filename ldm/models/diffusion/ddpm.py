@@ -180,9 +180,12 @@ class DDPM(pl.LightningModule):
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
+        for name, value in buffers.items():  # copies: loading a checkpoint must not write into the schedule
+            self.register_buffer(name, value.clone())
         self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+        if buffers and not getattr(self, "_schedule_check_registered", False):
+            self.register_load_state_dict_post_hook(_warn_on_other_schedule)
+            self._schedule_check_registered = True
 
     def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
@@ -477,6 +480,15 @@ def images_bchw(x: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x[..., None]
     return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+def _warn_on_other_schedule(module: "DDPM", incompatible_keys: Any) -> None:
+    """After a state dict is loaded: warn when its schedule buffers differ from the model's schedule, which is what
+    training and sampling use (the buffers are kept for checkpoints only)."""
+    expected = module.schedule.buffers()["alphas_cumprod"].to(module.alphas_cumprod.device)
+    if not torch.allclose(module.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+        logger.warning("the checkpoint's alphas_cumprod differ from the schedule of the config (max difference %.3g); "
+                       "training and sampling use the config's (model.schedule): check timesteps, linear_start, "
+                       "linear_end, beta_schedule and process_config",
+                       float((module.alphas_cumprod - expected).abs().max()))
 
 
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
