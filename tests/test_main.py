@@ -471,6 +471,25 @@ def test_find_unused_parameters_reaches_the_ddp_wrapper(tmp_path):
     assert not hasattr(single.strategy, "_ddp_kwargs")
 
 
+def test_lightning_strategy_section_builds_the_trainers_strategy(tmp_path, monkeypatch, main_module):
+    """generative-models' lightning.strategy (target/params) is the Trainer's strategy; SD 2's
+    lightning.find_unused_parameters reaches the DDP wrapper of a --strategy ddp run."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    path = str(write_config(tmp_path))
+    argv = ["-b", path, "-l", "logs", "--accelerator", "cpu", "--devices", "1", "--no-test"]
+    strategy = ["lightning.strategy.target=pytorch_lightning.strategies.DDPStrategy",
+                "lightning.strategy.params.find_unused_parameters=true"]
+    for extra, kwargs in ((strategy, {"find_unused_parameters": True}),
+                          (["--strategy", "ddp", "lightning.find_unused_parameters=false"],
+                           {"find_unused_parameters": False})):
+        opt, unknown = main_module.get_parser().parse_known_args(main_module.explicit_bool_flags(argv + extra))
+        trainer = main_module.prepare(opt, unknown, "now")[3]
+        assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._ddp_kwargs == kwargs
+
+
 # ---------------------------------------------------------------------------------------------- units
 def test_a_new_run_never_reuses_an_existing_directory(tmp_path):
     from ldm.training.config import resolve_run

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers.tensorboard import _TENSORBOARD_AVAILABLE
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ldm.training.callbacks import EmergencyCheckpoint, SetupCallback
@@ -128,14 +128,15 @@ def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: Ru
     callbacks = build_callbacks(lightning_config, run, model, config, options, emergency)
     plugins = options.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if not str(options.get("strategy", "")).startswith("deepspeed"):
-        plugins.append(AtomicCheckpointIO())
     strategy_config = lightning_config.get("strategy")
     if strategy_config is not None:
         if options.get("strategy", "auto") != "auto":
             raise UsageError("lightning.strategy and lightning.trainer.strategy / --strategy both name the strategy; "
                              "keep one")
         options["strategy"] = instantiate_from_config(strategy_config, path="lightning.strategy")
+    strategy = options.get("strategy", "")
+    if not (str(strategy).startswith("deepspeed") or isinstance(strategy, DeepSpeedStrategy)):
+        plugins.append(AtomicCheckpointIO())
     try:
         trainer = pl.Trainer(**options, logger=run_logger, callbacks=callbacks, plugins=plugins,
                              default_root_dir=run.logdir)
