@@ -26,6 +26,7 @@ built-in models. The order is deterministic and resumes mid-epoch (`ldm.data.sha
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import json
@@ -50,7 +51,7 @@ from ldm.data.base import composite_on, resample_filter, resize_and_crop, to_mod
 from ldm.data.inpainting import MASK_KINDS, random_mask
 from ldm.data.resumable import UNBOUNDED, ShardLoader
 from ldm.data.shards import SampleRejected, ShardStream, collate_examples, expand_shards
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ SPLIT_KEYS = ("shards", "shuffle", "shard_shuffle", "image_key", "caption_key", 
 def load_word_list(path: str, key: str = "filter_word_list") -> tuple[str, ...]:
     """Words from a YAML list (or mapping of lists) or a text file with one word per line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: word list '{path}' does not exist (a YAML list or one word per line)")
+        raise ConfigError(f"{key}: word list '{path}' does not exist (a YAML list or one word per line)")
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     try:
@@ -170,19 +171,17 @@ class ParquetMetadata:
 
 
 class SampleDecoder:
-    """Raw tar sample -> example dict: decode, filter, transform (seeded), post-process, rename."""
+    """Raw tar sample -> example dict: decode, filter, transform (seeded), post-process."""
 
     def __init__(self, image_key: str = "jpg", caption_key: str = "txt", transforms: Sequence[Any] = (),
                  size: int | None = None, random_crop: bool = False, interpolation: str = "bicubic",
-                 postprocess: Any = None, rename: Mapping[str, str] | None = None,
-                 sample_filter: SampleFilter | None = None):
+                 postprocess: Any = None, sample_filter: SampleFilter | None = None):
         self.image_key, self.caption_key = image_key, caption_key
         self.transforms = list(transforms)
         self.size, self.random_crop = size, bool(random_crop)
         self.resample = resample_filter(interpolation)
         self.postprocess = postprocess
         self._post_rng = postprocess is not None and "rng" in inspect.signature(postprocess.__call__).parameters
-        self.rename = dict(rename or {})
         self.filter = sample_filter or SampleFilter()
         self.parquet = ParquetMetadata()
 
@@ -203,8 +202,6 @@ class SampleDecoder:
                 example = self.postprocess(example, rng=np.random.default_rng(seed))
             else:
                 example = self.postprocess(example)
-        for source, target in self.rename.items():
-            example[target] = example[source]
         return example
 
     @staticmethod
@@ -248,7 +245,7 @@ class SampleDecoder:
             return torch.from_numpy(to_model_array(out.convert("RGB")))
         if isinstance(out, torch.Tensor) and out.ndim == 3:  # a CHW tensor in [0, 1] (ToTensor in the list)
             return (out * 2.0 - 1.0).permute(1, 2, 0).contiguous().float()
-        raise ValueError(f"image_transforms must end with a PIL image or a CHW tensor, got {type(out).__name__}")
+        raise ConfigError(f"image_transforms must end with a PIL image or a CHW tensor, got {type(out).__name__}")
 
 
 MASK_MODES = {"256train": "mixed", "256narrow": "brush", "512train": "mixed", "512train-large": "mixed",
@@ -261,9 +258,9 @@ class AddMask:
 
     def __init__(self, mode: str = "512train", p_drop: float = 0.0, image_key: str = "jpg"):
         if mode not in MASK_MODES:
-            raise ValueError(f"AddMask: unknown mask generation mode '{mode}'; expected one of {sorted(MASK_MODES)}")
+            raise ConfigError(f"AddMask: unknown mask generation mode '{mode}'; expected one of {sorted(MASK_MODES)}")
         if not 0.0 <= float(p_drop) <= 1.0:
-            raise ValueError(f"AddMask: p_drop={p_drop} must lie in [0, 1]")
+            raise ConfigError(f"AddMask: p_drop={p_drop} must lie in [0, 1]")
         self.mode, self.kind, self.p_drop, self.image_key = mode, MASK_MODES[mode], float(p_drop), image_key
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
@@ -330,7 +327,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
                  caption_key: str = "txt", seed: int = 0):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"data.params.batch_size must be a positive integer, got {batch_size!r}")
+            raise ConfigError(f"data.params.batch_size must be a positive integer, got {batch_size!r}")
         self.tar_base, self.batch_size, self.num_workers = tar_base, batch_size, int(num_workers)
         self.multinode, self.caption_key, self.seed = bool(multinode), caption_key, int(seed)
         words = load_word_list(filter_word_list) if filter_word_list else ()
@@ -350,11 +347,11 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
     @staticmethod
     def _check_split(split: str, config: Any) -> dict[str, Any]:
         if not isinstance(config, dict) or "shards" not in config:
-            raise ValueError(f"data.params.{split}: expected a mapping with 'shards' (paths, brace patterns or pipe: "
+            raise ConfigError(f"data.params.{split}: expected a mapping with 'shards' (paths, brace patterns or pipe: "
                              f"commands), got {config!r}")
         unknown = sorted(set(config) - set(SPLIT_KEYS))
         if unknown:
-            raise ValueError(f"data.params.{split}: unknown key(s) {', '.join(unknown)}; accepted: "
+            raise ConfigError(f"data.params.{split}: unknown key(s) {', '.join(unknown)}; accepted: "
                              f"{', '.join(SPLIT_KEYS)}")
         return config
 
@@ -375,21 +372,22 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
                              size=config.get("size"), random_crop=config.get("random_crop", False),
                              interpolation=config.get("interpolation", "bicubic"),
                              postprocess=instantiate_from_config(post, path=f"{where}.postprocess") if post else None,
-                             rename=config.get("rename"), sample_filter=self.sample_filter)
+                             sample_filter=self.sample_filter)
 
     def make_loader(self, split: str, topology: tuple[int, int] | None = None) -> ShardLoader:
         """A fresh ShardLoader for `split` (training streams epoch after epoch; the others read one pass)."""
         config = self.split_configs[split]
         urls = expand_shards(config["shards"], self.tar_base, key=f"data.params.{split}.shards")
         train = split == "train"
-        dataset = ShardStream(urls, self.decoder(split), self.batch_size, collate_examples, seed=self.seed,
+        collate = functools.partial(collate_examples, rename=dict(config.get("rename") or {}))
+        dataset = ShardStream(urls, self.decoder(split), self.batch_size, collate, seed=self.seed,
                               shuffle=config.get("shuffle", 0), shard_shuffle=config.get("shard_shuffle"),
                               repeat=config.get("repeat", train), split_by_rank=self.multinode)
         loader = ShardLoader(dataset, num_workers=self.num_workers, epoch_length=config.get("epoch_length"),
                              name=split, topology=topology)
         rank, world = loader.topology()
         if world > 1 and not self.multinode:
-            raise ValueError("data.params.multinode is false but the run has several processes; set multinode: true "
+            raise ConfigError("data.params.multinode is false but the run has several processes; set multinode: true "
                              "so that they read different shards")
         if config.get("epoch_length") is None and dataset.repeat:
             loader.epoch_length = nominal_epoch_length(urls, self.batch_size, world if self.multinode else 1)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ldm.data.shards import START, Position, ShardStream
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ShardLoader(DataLoader):
             epoch_length = UNBOUNDED if dataset.repeat else None
         self.epoch_length = None if epoch_length is None else int(epoch_length)
         if self.epoch_length is not None and self.epoch_length < 1:
-            raise ValueError(f"{name}: epoch_length must be a positive number of batches, got {epoch_length!r}")
+            raise ConfigError(f"{name}: epoch_length must be a positive number of batches, got {epoch_length!r}")
         self.name, self.topology_override = name, topology
         self.report = DataReport(name)
         self._positions: dict[int, Position] = {}
@@ -144,7 +145,7 @@ class ShardLoader(DataLoader):
         dataset.positions = dict(self._positions)
         dataset.known_bad_shards = set(self.report.bad_shards)
         if dataset.repeat and len(dataset.urls) < dataset.num_slots:
-            raise ValueError(f"{self.name} data: {len(dataset.urls)} shard(s) cannot feed {dataset.num_slots} readers "
+            raise ConfigError(f"{self.name} data: {len(dataset.urls)} shard(s) cannot feed {dataset.num_slots} readers "
                              f"({dataset.world_size if dataset.split_by_rank else 1} process(es) x {self.num_streams} "
                              "stream(s)); use at least as many shards as readers, or fewer num_workers")
 
@@ -159,7 +160,8 @@ class ShardLoader(DataLoader):
                 self._positions[meta["stream"]] = Position(*meta["position"])
                 self._next_stream = (meta["stream"] + 1) % self.num_streams
                 self.report.add(meta["events"])
-                yield batch
+                if batch is not None:
+                    yield batch
         finally:
             del iterator  # shuts the workers down
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +30,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +63,11 @@ def expand_shards(shards: str | Sequence[str], tar_base: str | None = None, key:
     urls: list[str] = []
     for entry in entries:
         if not isinstance(entry, str) or not entry.strip():
-            raise ValueError(f"{key}: expected shard paths, brace patterns or pipe: commands, got {entry!r}")
+            raise ConfigError(f"{key}: expected shard paths, brace patterns or pipe: commands, got {entry!r}")
         for url in expand_urls(entry.strip()):
             urls.append(url if not tar_base or url.startswith("pipe:") or "://" in url else _join(tar_base, url))
     if not urls:
-        raise ValueError(f"{key}: no shards given")
+        raise ConfigError(f"{key}: no shards given")
     return urls
 
 
@@ -102,10 +104,33 @@ class ReadEvents:
         return out
 
 
+class _TailReader:
+    """A read-only stream that remembers its last 1024 bytes: a complete tar ends with two zero blocks, while
+    Python's tarfile silently stops at a truncated header instead of reporting it."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.tail = raw, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def complete(self) -> bool:
+        """Read to the end; whether the stream ended with the end-of-archive marker."""
+        while self.read(1 << 16):
+            pass
+        return len(self.tail) == 1024 and not any(self.tail)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 def read_shard(url: str, events: ReadEvents) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard (`{'__key__', '__url__', ext: bytes}`); read failures go to `events`."""
     try:
-        stream = gopen(url, "rb")
+        stream = _TailReader(gopen(url, "rb"))
     except Exception as err:  # noqa: BLE001 - any failure to open is reported, training goes on
         events.shard_failed(url, f"cannot be opened: {err}")
         return
@@ -121,6 +146,8 @@ def read_shard(url: str, events: ReadEvents) -> Iterator[dict[str, Any]]:
                                     handler=handler):
             count += 1
             yield sample
+        if not failures and not stream.complete():
+            failures.append(EOFError("the tar ends without its end-of-archive blocks"))
     finally:
         try:
             stream.close()
@@ -190,7 +217,8 @@ class ShardStream(IterableDataset):
         return self._batches(stream, self.slot_of(stream), self.positions.get(stream, START))
 
     def _batches(self, stream: int, slot: int, start: Position) -> Iterator[tuple[dict, dict]]:
-        """(batch, meta) pairs; meta holds the stream, the Position after the batch and the read events."""
+        """(batch, meta) pairs; meta holds the stream, the Position after the batch and the read events (a finite
+        stream ends with a (None, meta) pair when no partial batch is left)."""
         events = ReadEvents(self.known_bad_shards)
         examples: list[dict] = []
         accepted, epoch, position = 0, start.epoch, start
@@ -211,8 +239,8 @@ class ShardStream(IterableDataset):
             if len(examples) == self.batch_size:
                 yield self.collate(examples), self._meta(stream, position, events)
                 examples = []
-        if examples and not self.repeat:
-            yield self.collate(examples), self._meta(stream, position, events)
+        if not self.repeat:  # the last partial batch; None just hands over the events after the last batch
+            yield (self.collate(examples) if examples else None), self._meta(stream, position, events)
 
     def _check_epoch_produced(self, accepted: int, epoch: int, slot: int) -> None:
         if accepted == 0:
@@ -274,9 +302,9 @@ class ShardStream(IterableDataset):
                     yield raw, index, count
 
 
-def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_examples(examples: list[dict[str, Any]], rename: Mapping[str, str] | None = None) -> dict[str, Any]:
     """One batch dict from example dicts (the keys all share): tensors and arrays stacked, numbers as a tensor,
-    everything else (captions, metadata dicts) as a list."""
+    everything else (captions, metadata dicts) as a list; `rename` adds other names for keys (the same objects)."""
     keys = set(examples[0]).intersection(*examples[1:])
     batch: dict[str, Any] = {}
     for key in sorted(keys):
@@ -286,11 +314,13 @@ def collate_examples(examples: list[dict[str, Any]]) -> dict[str, Any]:
             tensors = [torch.as_tensor(v) for v in values]
             shapes = {tuple(t.shape) for t in tensors}
             if len(shapes) > 1:
-                raise ValueError(f"batch key '{key}': examples of different shapes {sorted(shapes)} in one batch; "
+                raise ConfigError(f"batch key '{key}': examples of different shapes {sorted(shapes)} in one batch; "
                                  "resize/crop them to one size (image_transforms or size)")
             batch[key] = torch.stack(tensors)
         elif isinstance(first, (bool, int, float)) and not isinstance(first, str):
             batch[key] = torch.tensor(values)
         else:
             batch[key] = values
+    for source, target in (rename or {}).items():
+        batch[target] = batch[source]
     return batch

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ldm.data.resumable import local_state_only
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,8 @@ class EmergencyCheckpoint(Callback):
             return
         try:
             self._adopt_as_last(trainer)
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            with local_state_only():  # the other processes are not taking part in this save
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
             logger.warning("%s during training: saved %s at step %d", type(exception).__name__, self.ckpt_path,
                            trainer.global_step)
