@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import DDPM, disabled_train
 from ldm.models.diffusion.latent_logging import LatentImageLogging
+from ldm.modules.cached import CachedConditioning, FirstStageLatent, plain
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
 
@@ -162,6 +163,8 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Encode raw conditioning (captions, labels, images) with the cond stage."""
+        if isinstance(c, CachedConditioning):  # already the frozen cond stage's output (a latent cache)
+            return plain(c)
         if self.cond_stage_forward is None:
             if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
                 c = self.cond_stage_model.encode(c)
@@ -177,7 +180,9 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """First-stage encoding of images."""
+        """First-stage encoding of images (a FirstStageLatent from a latent cache is passed through)."""
+        if isinstance(x, FirstStageLatent):
+            return plain(x)
         return self.first_stage_model.encode(x)
 
     @torch.no_grad()
