@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
@@ -49,6 +50,16 @@ def local_state_only() -> Iterator[None]:
         yield
     finally:
         _LOCAL_ONLY.pop()
+
+
+def gather_from_ranks(local: Any, rank: int, world: int) -> list[Any]:
+    """Every rank's `local` (all_gather_object), or only this rank's (None elsewhere) inside `local_state_only()`
+    or without an initialised process group."""
+    if world > 1 and not _LOCAL_ONLY[-1] and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        return gathered
+    return [local if r == rank else None for r in range(world)]
 
 
 def _keep(item: Any) -> Any:
@@ -108,6 +119,9 @@ class ShardLoader(DataLoader):
     def __init__(self, dataset: ShardStream, num_workers: int = 0, epoch_length: int | None = None,
                  name: str = "train", topology: tuple[int, int] | None = None, **kwargs: Any):
         kwargs.pop("persistent_workers", None)  # a persistent worker would go on from its own, prefetched place
+        # each iterator draws a base seed: from a private generator, so that training's random stream does not
+        # depend on when Lightning starts an iterator (epochs, resumes); the order uses per-sample seeds anyway
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
                          persistent_workers=False, **kwargs)
         if epoch_length is None:
@@ -180,13 +194,8 @@ class ShardLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """Positions of every rank's streams (gathered to every process), the next stream, the skip report."""
-        local = self._local_state()
         rank, world = self.topology()
-        if world > 1 and not _LOCAL_ONLY[-1] and dist.is_available() and dist.is_initialized():
-            ranks: list[Any] = [None] * world
-            dist.all_gather_object(ranks, local)
-        else:
-            ranks = [local if r == rank else None for r in range(world)]
+        ranks = gather_from_ranks(self._local_state(), rank, world)
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "next_stream": self._next_stream,
                 "ranks": ranks}
 
