@@ -291,12 +291,16 @@ def wait(predicate: Any, proc: subprocess.Popen, timeout: float = 600) -> Any:
     return None
 
 
-def kill_once(proc: subprocess.Popen, ckptdir: Path, step_file: Path, start: int, inside_write: bool,
+def kill_once(proc: subprocess.Popen, logs: Path, step_file: Path, start: int, inside_write: bool,
               rng: random.Random) -> dict[str, Any] | None:
-    """Let the run train past `start`, then SIGKILL every process of it (inside a checkpoint write, or at a random
-    moment); what was seen at the kill, or None when the run finished first."""
-    if not wait(lambda: (read_json(step_file) or {}).get("step", -1) > start, proc):
+    """Let the run train past `start` (and write its first last.ckpt), then SIGKILL every process of it (inside a
+    checkpoint write, or at a random moment); what was seen at the kill, or None when the run finished first."""
+    def trained() -> bool:
+        return (read_json(step_file) or {}).get("step", -1) > start and bool(list(logs.glob("*/checkpoints/last.ckpt")))
+
+    if not wait(trained, proc):
         return None
+    ckptdir = next(logs.glob("*/checkpoints"))
     if inside_write:
         if not wait(lambda: list(ckptdir.glob(".*.tmp")), proc):
             return None
@@ -329,18 +333,16 @@ def kill_experiment(work: Path, kills: int, interval: int, steps: int, seed: int
     where = dirs["killed"]
     proc, start, events, corrupt = main_py(where, "-b", "c.yaml", *common, background=True), -1, [], 0
     for k in range(kills):
-        ckptdir = next(iter((where / "logs").glob("*/checkpoints")), where / "logs" / "none")
-        seen = kill_once(proc, ckptdir, where / "step.json", start, inside_write=k % 2 == 1, rng=rng)
-        ckptdir = next(iter((where / "logs").glob("*/checkpoints")), ckptdir)
+        seen = kill_once(proc, where / "logs", where / "step.json", start, inside_write=k % 2 == 1, rng=rng)
         if seen is None:
             break
+        ckptdir = next((where / "logs").glob("*/checkpoints"))
         corrupt += sum(load_ckpt(p) is None for p in ckptdir.glob("*.ckpt"))
-        last = load_ckpt(ckptdir / "last.ckpt") if (ckptdir / "last.ckpt").is_file() else None
+        last = load_ckpt(ckptdir / "last.ckpt")
         start = last["global_step"] if last else 0
         seen["lost"] = seen["step"] - start
         events.append(seen)
-        proc = main_py(where, "-r", str(ckptdir.parent), *common, background=True) if last else \
-            main_py(where, "-b", "c.yaml", *common, background=True)
+        proc = main_py(where, "-r", str(ckptdir.parent), *common, background=True)
     proc.wait()
     (run,) = (where / "logs").iterdir()
     final, ref_ckpt = load_ckpt(run / "checkpoints" / "last.ckpt"), load_ckpt(

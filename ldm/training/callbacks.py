@@ -210,6 +210,12 @@ class EmergencyCheckpoint(Callback):
         """Ask for a checkpoint at the end of the current batch and a clean stop after it (SIGTERM)."""
         self._requested = self._stop_requested = True
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Take rank 0's path: processes started separately (torchrun, srun) may have named their run directories at
+        different seconds, and a sharded save needs every process to write into the same place."""
+        if trainer.world_size > 1:
+            self.ckpt_path = trainer.strategy.broadcast(self.ckpt_path, src=0)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With handle_sigterm, take SIGTERM back from the handler Lightning installs at fit start: Lightning's stops
         before the next batch without a save all processes take part in (it restores the previous one after fit)."""
