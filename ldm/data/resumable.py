@@ -52,10 +52,15 @@ def local_state_only() -> Iterator[None]:
         _LOCAL_ONLY.pop()
 
 
+def collectives_allowed() -> bool:
+    """False inside `local_state_only()` (a save only this process makes)."""
+    return not _LOCAL_ONLY[-1]
+
+
 def gather_from_ranks(local: Any, rank: int, world: int) -> list[Any]:
     """Every rank's `local` (all_gather_object), or only this rank's (None elsewhere) inside `local_state_only()`
     or without an initialised process group."""
-    if world > 1 and not _LOCAL_ONLY[-1] and dist.is_available() and dist.is_initialized():
+    if world > 1 and collectives_allowed() and dist.is_available() and dist.is_initialized():
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, local)
         return gathered

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ldm.data.resumable import gather_from_ranks
+from ldm.data.resumable import collectives_allowed, gather_from_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,15 @@ class NonFiniteError(RuntimeError):
     """Training stopped: too many consecutive non-finite steps, or weights that hold NaN/inf at a save."""
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (the local shard of a DTensor)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _non_finite_grads(optimizer: torch.optim.Optimizer) -> bool:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [g for g in grads if g.numel()]
     if not grads:
         return False
     norms = torch._foreach_norm(grads)
@@ -88,7 +95,10 @@ class NaNGuard(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Refuse to write weights that hold NaN/inf (the save is abandoned before any file is touched)."""
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())]
+        if trainer.world_size > 1 and collectives_allowed():  # a sharded or rank-0-only state dict: all refuse
+            if trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+                bad = ["(on another process)"]
         if bad:
             raise NonFiniteError(f"refusing to save a checkpoint at step {trainer.global_step}: {len(bad)} weight "
                                  f"tensor(s) hold NaN/inf (first: {bad[0]}); the previous checkpoints are kept")

@@ -147,6 +147,9 @@ def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: Ru
                               {"save_dir": run.logdir, "project": project})
     run_logger = instantiate_from_config(logger_cfg, path="lightning.logger")
     callbacks = build_callbacks(lightning_config, run, model, config, options, emergency)
+    strategy = options.get("strategy")
+    if isinstance(strategy, dict) and "target" in strategy:  # a Strategy object from its config
+        options["strategy"] = instantiate_from_config(strategy, path="lightning.trainer.strategy")
     plugins = options.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not str(options.get("strategy", "")).startswith("deepspeed"):

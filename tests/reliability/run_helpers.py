@@ -140,3 +140,56 @@ def read_records(path):
     """The BatchRecorder lines of one rank."""
     with open(path) as handle:
         return [json.loads(line) for line in handle]
+
+
+# ------------------------------------------------------------------------------------------------ sharded training
+class IndexedImages(torch.utils.data.Dataset):
+    """`length` fixed random 8x8 images with their index (the sample-seeded model below draws its noise from it)."""
+
+    def __init__(self, length=4, size=8):
+        self.length, self.size = length, size
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        pixels = np.random.default_rng(index).uniform(-1, 1, (self.size, self.size, 3)).astype("float32")
+        return {"image": pixels, "index": index}
+
+
+def _sample_seeded_ddpm():
+    from ldm.models.diffusion.ddpm import DDPM
+
+    class SampleSeededDDPM(DDPM):
+        """DDPM whose timesteps and noise depend on (sample index, step), not on the process: one process with a
+        batch of 4 then computes exactly what two processes with 2 each compute together."""
+
+        def shared_step(self, batch):
+            x = self.get_input(batch, self.first_stage_key)
+            steps, noise = [], []
+            for index in batch["index"].tolist():
+                generator = torch.Generator().manual_seed(int(index) * 100003 + int(self.global_step))
+                steps.append(torch.randint(0, self.num_timesteps, (1,), generator=generator))
+                noise.append(torch.randn(tuple(x.shape[1:]), generator=generator))
+            return self.p_losses(x, torch.cat(steps).to(self.device), noise=torch.stack(noise).to(x))
+
+    return SampleSeededDDPM
+
+
+SampleSeededDDPM = _sample_seeded_ddpm()
+
+
+def sharded_config(rec_dir, batch_size, strategy=None, every_n_steps=3):
+    """The tiny SampleSeededDDPM (EMA on) on 4 IndexedImages, last.ckpt every `every_n_steps` steps."""
+    config = tiny_shard_config("unused", rec_dir, every_n_steps=every_n_steps)
+    config["model"]["target"] = "run_helpers.SampleSeededDDPM"
+    config["model"]["params"]["first_stage_key"] = "image"
+    config["data"] = {"target": "ldm.training.data.DataModuleFromConfig",
+                      "params": {"batch_size": batch_size, "num_workers": 0,
+                                 "train": {"target": "run_helpers.IndexedImages", "params": {"length": 4}}}}
+    config["lightning"]["callbacks"].pop("recorder")
+    if strategy is not None:
+        config["lightning"]["trainer"]["strategy"] = strategy
+    return config
