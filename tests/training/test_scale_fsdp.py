@@ -177,3 +177,25 @@ def test_the_sd_v1_fsdp_config_shrunk_trains_on_two_cpu_processes_from_shards(tm
     weights = load_file(str(out))
     assert weights["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_gpu_smoke_dry_run_plans_the_sd_v1_fsdp_run_on_cpu(capsys):
+    assert load_script("gpu_smoke_fsdp").main(["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "FSDPStrategy: 26 FSDP units, 859.5M trained and 83.7M frozen first-stage parameters" in printed
+
+
+def test_gpu_smoke_batches_train_the_smoke_model_without_encoders():
+    smoke = load_script("gpu_smoke_fsdp")
+    config = smoke.smoke_config(str(SD_TRAIN))
+    unet = config.model.params.unet_config.params
+    unet.update(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1, num_heads=2,
+                context_dim=32)
+    config.model.params.first_stage_config.params.ddconfig.update(ch=32, ch_mult=[1, 1], num_res_blocks=1)
+    from ldm.util import instantiate_from_config
+
+    model = instantiate_from_config(config.model)
+    batch = next(iter(smoke.SyntheticLatents(2, latent=(8, 8, 4), context=(77, 32))))
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.diffusion_model.out[2].weight.grad is not None
