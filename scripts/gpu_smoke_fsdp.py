@@ -58,9 +58,9 @@ class SyntheticLatents(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
         while True:
-            yield {"jpg": torch.randn((self.batch_size, *self.latent), generator=generator).as_subclass(FirstStageLatent),
-                   "txt": torch.randn((self.batch_size, *self.context), generator=generator
-                                      ).as_subclass(CachedConditioning)}
+            latent = torch.randn((self.batch_size, *self.latent), generator=generator)
+            context = torch.randn((self.batch_size, *self.context), generator=generator)
+            yield {"jpg": latent.as_subclass(FirstStageLatent), "txt": context.as_subclass(CachedConditioning)}
 
 
 def smoke_config(path: str) -> Any:
