@@ -260,3 +260,39 @@ def test_write_shards_layout(tmp_path):
                                   "000000001.jpg", "000000001.txt", "000000001.json"]
     assert (tmp_path / "00002_stats.json").is_file() and (tmp_path / "00002.parquet").is_file()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_the_built_in_shapes_ldm_trains_from_shards_through_main(tmp_path):
+    from run_helpers import run_main
+
+    from ldm.data.shapes import ShapesTrain
+
+    dataset = ShapesTrain(size=16, length=32)
+
+    def samples():
+        for index in range(32):
+            example = dataset[index]
+            pixels = ((example["image"] + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            __import__("PIL.Image").Image.fromarray(pixels).save(buffer, format="PNG")
+            yield {"__key__": f"{index:09d}", "png": buffer.getvalue(), "txt": example["caption"]}
+
+    write_shards(samples(), tmp_path / "shards", 8)
+    data = {"target": "ldm.data.laion.WebDataModuleFromConfig",
+            "params": {"tar_base": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0,
+                       "train": {"shards": "{00000..00003}.tar", "shuffle": 8, "rename": {"jpg": "image",
+                                                                                        "txt": "caption"}}}}
+    config = OmegaConf.load(REPO / "configs" / "latent-diffusion" / "shapes-ldm-kl-4.yaml")
+    config.data = data  # the config's own model and lightning sections, its data from shards
+    config.model.params.cond_stage_config.params.tokenizer_path = str(REPO / config.model.params.cond_stage_config
+                                                                      .params.tokenizer_path)
+    config.lightning.callbacks.image_logger = None
+    config.lightning.trainer.update(max_time=None, enable_progress_bar=False)
+    del config.lightning.trainer["val_check_interval"]  # no validation split here
+    OmegaConf.save(config, tmp_path / "shapes-shards.yaml")
+    proc = run_main(tmp_path, "-b", "shapes-shards.yaml", "-t", "--no-test", "--max_steps", "3")
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "train data: 4 shards, 8 batches of 4 per process per epoch" in proc.output
+    (run,) = (tmp_path / "logs").iterdir()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
