@@ -83,12 +83,14 @@ class ThrottledSaves(Callback):
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
             data = buffer.getvalue()
-            pieces = max(1, len(data) // 65536)
+            start = time.monotonic()
             with open(f, "wb") as handle:
                 for i in range(0, len(data), 65536):
                     handle.write(data[i:i + 65536])
                     handle.flush()
-                    time.sleep(self.seconds / pieces)
+                    pause = start + self.seconds * (i + 65536) / len(data) - time.monotonic()
+                    if pause > 0:  # keep pace with `seconds` in all, whatever one sleep costs
+                        time.sleep(pause)
 
         torch.save = slow_save
 
