@@ -4,9 +4,9 @@
     python scripts/reliability.py --only kills --kills 3 --workdir /tmp/rel
 
 Experiments (each in its own directory under --workdir, default a temporary one):
-- kills: a run (EMA, LR schedule, scale_by_std, checkpoint every --interval steps) is SIGKILLed --kills times, at
-  random moments and, every other time, while a checkpoint is being written (a throttled writer makes the write
-  last ~0.5 s), and resumed with `main.py -r` each time. Counted: kills survived (the resume trains to the end),
+- kills: a run (EMA, LR schedule, scale_by_std, checkpoint every --interval steps) is SIGKILLed --kills times, after
+  a random step of the next two intervals and, every other time, while a checkpoint is being written (a throttled
+  writer makes the write last ~0.3 s), and resumed with `main.py -r` each time. Counted: kills survived (the resume trains to the end),
   checkpoints that do not load (corrupt), steps lost per kill (last step done - step resumed from; target <= one
   interval), and whether the final checkpoint equals an uninterrupted run's bit for bit (weights, EMA,
   optimizer, LR scheduler, scale_factor, data position): then everything was restored.
@@ -294,11 +294,15 @@ def wait(predicate: Any, proc: subprocess.Popen, timeout: float = 600) -> Any:
 
 
 def kill_once(proc: subprocess.Popen, logs: Path, step_file: Path, start: int, inside_write: bool,
-              rng: random.Random) -> dict[str, Any] | None:
-    """Let the run train past `start` (and write its first last.ckpt), then SIGKILL every process of it (inside a
-    checkpoint write, or at a random moment); what was seen at the kill, or None when the run finished first."""
+              rng: random.Random, interval: int) -> dict[str, Any] | None:
+    """Let the run train past `start` (and write its first last.ckpt), then SIGKILL every process of it: inside a
+    checkpoint write, or after a random step of the next two intervals plus up to 0.2 s; what was seen at the kill,
+    or None when the run finished first."""
+    target = start + 1 if inside_write else start + rng.randint(1, 2 * interval)
+
     def trained() -> bool:
-        return (read_json(step_file) or {}).get("step", -1) > start and bool(list(logs.glob("*/checkpoints/last.ckpt")))
+        step = (read_json(step_file) or {}).get("step", -1)
+        return step >= target and bool(list(logs.glob("*/checkpoints/last.ckpt")))
 
     if not wait(trained, proc):
         return None
@@ -308,7 +312,7 @@ def kill_once(proc: subprocess.Popen, logs: Path, step_file: Path, start: int, i
             return None
         time.sleep(rng.uniform(0.0, 0.15))
     else:
-        time.sleep(rng.uniform(0.2, 3.0))
+        time.sleep(rng.uniform(0.0, 0.2))
     if proc.poll() is not None:
         return None
     os.killpg(proc.pid, signal.SIGKILL)
@@ -335,7 +339,8 @@ def kill_experiment(work: Path, kills: int, interval: int, steps: int, seed: int
     where = dirs["killed"]
     proc, start, events, corrupt = main_py(where, "-b", "c.yaml", *common, background=True), -1, [], 0
     for k in range(kills):
-        seen = kill_once(proc, where / "logs", where / "step.json", start, inside_write=k % 2 == 1, rng=rng)
+        seen = kill_once(proc, where / "logs", where / "step.json", start, inside_write=k % 2 == 1, rng=rng,
+                         interval=interval)
         if seen is None:
             break
         ckptdir = next((where / "logs").glob("*/checkpoints"))
