@@ -349,6 +349,7 @@ def kill_experiment(work: Path, kills: int, interval: int, steps: int, seed: int
         start = last["global_step"] if last else 0
         seen["lost"] = seen["step"] - start
         events.append(seen)
+        (where / "step.json").unlink()  # the resumed run's progress only, not the killed one's last step
         proc = main_py(where, "-r", str(ckptdir.parent), *common, background=True)
     proc.wait()
     (run,) = (where / "logs").iterdir()
