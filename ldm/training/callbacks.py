@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 from ldm.data.resumable import local_state_only
 from ldm.training.checkpoint_io import CheckpointWriteError
 from ldm.training.fault_tolerance import NonFiniteError
+from ldm.training.evaluation import EvaluationCallback  # noqa: F401 - config target ldm.training.callbacks.EvaluationCallback
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
