@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 from ldm.data.shapes import ShapesTrain
 from ldm.util import instantiate_from_config
 
+sys.path.insert(0, str(Path(__file__).parent))  # task_runs, the task tests' helpers
+
 REPO = Path(__file__).resolve().parents[2]
 NOW = "2024-01-01T00-00-00"
 TRAIN_STEPS = 3

@@ -1,0 +1,68 @@
+"""Helpers of the task tests (layout, semantic, retrieval, depth, variations): the built-in shapes-*.yaml configs
+shrunk, a few plain training steps, and a main.py-like run directory of a trained model."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = "2024-01-01T00-00-00"
+TRAIN_STEPS = 3
+
+
+@dataclass
+class TaskRun:
+    """A main.py-like run directory of a trained tiny model."""
+
+    name: str
+    logdir: Path
+    config: Path
+    ckpt: Path
+
+
+def shipped_task_config(name, **params):
+    """configs/latent-diffusion/shapes-<name>.yaml with a narrower UNet (32 channels), first stage (32) and text or
+    layout transformer (32 wide, 1 layer), model params overridden by `params`: trains in seconds, keeps the task."""
+    config = OmegaConf.load(REPO / "configs" / "latent-diffusion" / f"shapes-{name}.yaml")
+    p = config.model.params
+    p.unet_config.params.update(model_channels=32, num_head_channels=16)
+    p.first_stage_config.params.ddconfig.ch = 32
+    cond = p.get("cond_stage_config")
+    if isinstance(cond, DictConfig) and cond.target.endswith("BERTEmbedder"):
+        cond.params.update(n_embed=32, n_layer=1)
+        p.unet_config.params.context_dim = 32
+    for key, value in params.items():
+        OmegaConf.update(p, key, value, force_add=True)
+    return config
+
+
+def train_steps(model, dataset, steps=TRAIN_STEPS, batch_size=4, lr=1e-3):
+    """A few AdamW steps of `model` on `dataset` with EMA updates (plain loop: no Trainer start-up)."""
+    model.learning_rate = lr
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    losses = []
+    for batch, _ in zip(DataLoader(dataset, batch_size=batch_size), range(steps)):
+        loss, _ = model.shared_step(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if model.use_ema:
+            model.model_ema(model.model)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def save_run(root, name, config, model):
+    """A main.py-like run directory holding `model` (its state dict in Lightning's checkpoint dict)."""
+    logdir = Path(root) / f"{NOW}_{name}"
+    (logdir / "configs").mkdir(parents=True)
+    (logdir / "checkpoints").mkdir()
+    project = logdir / "configs" / f"{NOW}-project.yaml"
+    OmegaConf.save(config, project)
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    ckpt = logdir / "checkpoints" / "last.ckpt"
+    torch.save({"epoch": 0, "global_step": TRAIN_STEPS, "pytorch-lightning_version": "2.6.0", "state_dict": state,
+                "optimizer_states": [], "lr_schedulers": []}, ckpt)
+    return TaskRun(name, logdir, project, ckpt)
