@@ -79,7 +79,8 @@ def drawn(job: MapToImage, value: torch.Tensor, size: tuple[int, int]) -> torch.
     reader = getattr(job.model, "bbox_tokenizer", None)
     if reader is None:
         return -torch.ones(3, *size)
-    return reader.plot(value, figure_size=(size[1], size[0]), line_width=1, font_size=8)
+    labels = reader.label if min(size) >= 64 else (lambda category: "")  # no room for names in small images
+    return reader.plot(value, labels, figure_size=(size[1], size[0]), line_width=1, font_size=8)
 
 
 def generate(args: argparse.Namespace) -> list[str]:
