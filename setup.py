@@ -28,6 +28,7 @@ setup(
         "gradio>=6",
         "timm",  # the MiDaS backbones (ViT-L/16, ViT-B/16 + ResNet-50, EfficientNet-Lite3) of ldm.modules.midas
         "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
+        "faiss-cpu",  # the retrieval searcher of RDM (scripts/train_searcher.py, knn2img.py; ldm.modules.retrieval)
     ],
     extras_require={
         "test": [

@@ -66,3 +66,10 @@ def save_run(root, name, config, model):
     torch.save({"epoch": 0, "global_step": TRAIN_STEPS, "pytorch-lightning_version": "2.6.0", "state_dict": state,
                 "optimizer_states": [], "lr_schedulers": []}, ckpt)
     return TaskRun(name, logdir, project, ckpt)
+
+
+def randomise_zero_convs(model):
+    """Small random weights for the UNet's zero-initialised convs, so a few steps let every input matter."""
+    for param in model.model.diffusion_model.parameters():
+        if param.ndim > 1 and not param.any():
+            torch.nn.init.normal_(param, std=0.02)

@@ -528,6 +528,7 @@ _REEXPORTS = {
     "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
     "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
+    "RetrievalAugmentedDiffusion": "ldm.models.diffusion.retrieval",
 }
 
 
