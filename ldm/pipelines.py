@@ -558,6 +558,10 @@ class Depth2Img(Img2Img):
                 self.depth = depth_to_concat(raw, latent)
                 self.common["depth_image"] = os.path.basename(self.depth_path or "depth.png")
             else:
+                if not hasattr(self.model.depth_model, "model_type"):
+                    raise inf.ScriptError(f"--depth-img: the depth stage of '{self.ckpt}' is "
+                                          f"{type(self.model.depth_model).__name__}, not MiDaS; give the depth as an "
+                                          "image")
                 init = fit_to_multiple(self.image, inf.image_multiple(self.model), "--init-img", self.image_path)
                 self.depth = self.model.task_roles({self.model.depth_stage_key: self.midas_input(init)}, latent)[
                     "concat"]
@@ -570,6 +574,15 @@ class Depth2Img(Img2Img):
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         midas_in = AddMiDaS(self.model.depth_model.model_type)({"jpg": pixels})["midas_in"]
         return torch.from_numpy(np.ascontiguousarray(midas_in))[None].to(self.model.device)
+
+    def renoise_and_denoise(self, z0: torch.Tensor, c: Any, uc: Any, seeds: Sequence[int],
+                            progress: Progress | None = None) -> torch.Tensor:
+        """Img2Img's renoising; at strength 1 every step from per-sample seeded noise (SD 2's full sample)."""
+        if self.strength < 1.0:
+            return super().renoise_and_denoise(z0, c, uc, seeds, progress)
+        noise = SeededNoise(seeds, z0.device).randn(z0.shape)
+        return self._sampler.decode(noise, c, self.t_enc, unconditional_guidance_scale=self.scale,
+                                    unconditional_conditioning=uc, callback=step_callback(progress, self.t_enc))
 
     def depth_preview(self) -> torch.Tensor:
         """The depth the UNet reads, (1, 3, h, w) in [-1, 1] at the latent size (for showing it)."""

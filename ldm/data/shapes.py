@@ -235,6 +235,23 @@ def render_scene(objects: Sequence[dict[str, Any]], background: str, size: int,
     return pixels, counts.argmax(axis=-1)
 
 
+def scene_depth(objects: Sequence[dict[str, Any]], background: str, size: int,
+                supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """The inverse depth [1, size, size] (float32 in [0, 1], MiDaS' sense: larger is nearer) of a scene: the
+    background at 0, object k (drawn in order, later ones on top) a flat card at `depth`, anti-aliased."""
+    big = size * supersample
+    canvas = Image.new("F", (big, big), 0.0)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        cx, cy, s = obj["center"][0] * supersample, obj["center"][1] * supersample, obj["side"] * supersample
+        if obj["shape"] == "circle":
+            draw.ellipse([cx - s / 2, cy - s / 2, cx + s / 2 - 1, cy + s / 2 - 1], fill=float(obj["depth"]))
+        else:
+            draw.polygon(_polygon(obj["shape"], cx - 0.5, cy - 0.5, s), fill=float(obj["depth"]))
+    blocks = np.asarray(canvas, dtype=np.float32).reshape(size, supersample, size, supersample)
+    return blocks.mean(axis=(1, 3))[None]
+
+
 class ShapesScenes(Dataset):
     """Images of `min_objects`..`max_objects` shapes each (distinct colours, little overlap) on a plain background,
     deterministic by (seed, split, index), with what the layout-to-image and semantic-synthesis tasks read.
@@ -244,7 +261,8 @@ class ShapesScenes(Dataset):
     `bboxes` [max_objects, 4] (x0, y0, x1, y1 in pixels, zero padding), `coordinates_bbox` (the layout as a long
     token sequence of `layout_builder`: one (class, top-left, bottom-right) triple per object, the full-image crop),
     `segmentation` (HWC float32 one-hot over `SEGMENTATION_LABELS`: background, circle, square, triangle) and
-    `segmentation_labels` (HW int64 label map).
+    `segmentation_labels` (HW int64 label map) and `depth` ([1, H, W] float32 inverse depth in [0, 1]: background
+    0, each shape a flat card nearer than those it covers; what depth-to-image models read instead of MiDaS').
     """
 
     def __init__(self, size: int = 16, length: int = 10000, seed: int = 0, split: str = "train",
@@ -297,6 +315,9 @@ class ShapesScenes(Dataset):
             boxes.append(box)
             objects.append({"shape": shape, "color": color, "side": side, "bbox": box,
                             "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)})
+        # inverse depths, nearer for shapes drawn later (they cover the earlier ones): sorted draws in [0.3, 1]
+        for obj, depth in zip(objects, np.sort(rng.uniform(0.3, 1.0, size=n))):
+            obj["depth"] = float(depth)
         return {"background": background, "objects": objects}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -321,6 +342,7 @@ class ShapesScenes(Dataset):
             "coordinates_bbox": self.layout_builder.build(layout),
             "segmentation": np.eye(len(SEGMENTATION_LABELS), dtype=np.float32)[label_map],
             "segmentation_labels": label_map,
+            "depth": scene_depth(objects, truth["background"], self.size),
         }
 
 

@@ -104,3 +104,17 @@ def test_single_shape_datasets_are_unchanged():
 
 
 EXPECTED_SHAPES_DIGEST = "10116d6f2138c8ccf26bde3d9df6a0be5888ba9d"  # main before ShapesScenes existed
+
+
+def test_depth_is_zero_on_the_background_and_nearer_for_shapes_drawn_later():
+    ds = ShapesScenes(size=32, length=30)
+    for i in range(30):
+        ex, truth = ds[i], ds.attributes(i)
+        depth, labels = ex["depth"][0], ex["segmentation_labels"]
+        assert ex["depth"].shape == (1, 32, 32) and ex["depth"].dtype == np.float32
+        assert depth[labels == 0].mean() < 0.1 and (depth[labels > 0] > 0.1).all()
+        levels = [obj["depth"] for obj in truth["objects"]]
+        assert levels == sorted(levels) and 0.3 <= levels[0] and levels[-1] <= 1.0
+        last = truth["objects"][-1]  # drawn on top: its centre shows its own depth
+        cx, cy = (int(v) for v in last["center"])
+        assert depth[cy, cx] == pytest.approx(last["depth"], abs=1e-5)
