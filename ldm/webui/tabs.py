@@ -2,7 +2,8 @@
 Each tab reads its inputs, makes the `ldm.pipelines` task the matching script makes from the same settings (the
 field labels name the script flags, and so do the messages) and returns its results to `WebUI.run`.
 
-A new task (depth-to-image, say) is one more entry: a pipeline with `supports(model)` and a builder here.
+A new task is one more entry: a pipeline with `supports(model)` and a builder here (depth-to-image and image
+variations are such entries).
 """
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import gradio as gr
 from PIL import Image, ImageChops, UnidentifiedImageError
 
 from ldm import inference as inf
-from ldm.pipelines import Img2Img, Inpaint, Progress, Samples, SuperRes, Txt2Img, inpaint_input
+from ldm.pipelines import (
+    Depth2Img,
+    ImageVariations,
+    Img2Img,
+    Inpaint,
+    Progress,
+    Samples,
+    SuperRes,
+    Txt2Img,
+    inpaint_input,
+)
 
 if TYPE_CHECKING:
     from ldm.webui.app import WebUI
@@ -308,9 +319,73 @@ def build_superres(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.G
     return TabParts()
 
 
+# ----------------------------------------------------------------------------------------- depth-to-image
+def build_depth2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """Init image, optional depth image (else MiDaS' estimate), prompt, strength, steps, scale, eta, seed, batch."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input("Image", "--init-img", f"{tab.name}-image")
+            depth = image_input("Depth instead of MiDaS' estimate: brighter = nearer", "--depth-img",
+                                f"{tab.name}-depth")
+            prompt, negative = prompt_inputs(tab.name, required=True)
+            strength = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Strength (--strength)",
+                                 elem_id=f"{tab.name}-strength")
+            steps, scale, eta, seed, batch = sampling_inputs(tab.name, scale=9.0)
+        out = output_column(tab.name)
+
+    def depth2img(image: str | None, depth: str | None, prompt: str, negative: str, strength: float, steps: float,
+                  scale: float, eta: float, seed: float, batch: float, history: list, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            inf.check_prompt(prompt, alternative="")
+            first = pick_seed(seed)
+            job = Depth2Img(loaded.model, loaded.ckpt, image=read(image, "--init-img"), image_path=image,
+                            depth_image=read(depth, "--depth-img", mode="L") if depth else None, depth_path=depth,
+                            strength=float(strength), **settings(ui, steps, scale, eta, negative))
+            inf.seed_everything(first)
+            return [job([prompt] * int(batch), inf.sample_seeds(first, int(batch)), report)]
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, depth2img, [image, depth, prompt, negative, strength, steps, scale, eta, seed, batch], out,
+         history, history_gallery)
+    return TabParts()
+
+
+# ----------------------------------------------------------------------------------------- image variations
+def build_variations(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """Init image, prompt (may be empty), noise level, steps, scale, eta, seed, batch."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input("Image", "--init-img", f"{tab.name}-image")
+            prompt, negative = prompt_inputs(tab.name, required=False)
+            noise_level = gr.Number(value=0, precision=0, label="Noise level of the image embedding (--noise_level)",
+                                    elem_id=f"{tab.name}-noise-level")
+            steps, scale, eta, seed, batch = sampling_inputs(tab.name, scale=10.0)
+        out = output_column(tab.name)
+
+    def variations(image: str | None, prompt: str, negative: str, noise_level: float, steps: float, scale: float,
+                   eta: float, seed: float, batch: float, history: list, request: gr.Request,
+                   progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            first = pick_seed(seed)
+            job = ImageVariations(loaded.model, loaded.ckpt, image=read(image, "--init-img"), image_path=image,
+                                  noise_level=as_int(noise_level), **settings(ui, steps, scale, eta, negative))
+            inf.seed_everything(first)
+            return [job([prompt or ""] * int(batch), inf.sample_seeds(first, int(batch)), report)]
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, variations, [image, prompt, negative, noise_level, steps, scale, eta, seed, batch], out, history,
+         history_gallery)
+    return TabParts()
+
+
 TABS: tuple[Tab, ...] = (
     Tab("txt2img", "Text to image", Txt2Img.supports, build_txt2img),
     Tab("img2img", "Image to image", Img2Img.supports, build_img2img),
     Tab("inpaint", "Inpainting", Inpaint.supports, build_inpaint),
     Tab("superres", "Super-resolution", SuperRes.supports, build_superres),
+    Tab("depth2img", "Depth to image", Depth2Img.supports, build_depth2img),
+    Tab("variations", "Image variations", ImageVariations.supports, build_variations),
 )

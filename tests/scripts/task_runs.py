@@ -73,3 +73,38 @@ def randomise_zero_convs(model):
     for param in model.model.diffusion_model.parameters():
         if param.ndim > 1 and not param.any():
             torch.nn.init.normal_(param, std=0.02)
+
+
+def build(config):
+    """The model of `config`, seeded, built from the repository root (configs name the tokenizer relative to it),
+    its zero-initialised convs randomised."""
+    import pytest
+
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        model = instantiate_from_config(config.model)
+    randomise_zero_convs(model)
+    return model
+
+
+def depth_run(root, **params):
+    """shapes-depth2img.yaml (shrunk) trained a few steps on ShapesScenes' depth: (run, model in eval mode)."""
+    from ldm.data.shapes import ShapesScenesTrain
+
+    config = shipped_task_config("depth2img", scale_by_std=False, scale_factor=0.5, **params)
+    model = build(config)
+    train_steps(model, ShapesScenesTrain(size=16, length=12))
+    return save_run(root, "depth", config, model), model.eval()
+
+
+def unclip_run(root):
+    """shapes-unclip.yaml (shrunk) trained a few steps on shapes: (run, model in eval mode)."""
+    from ldm.data.shapes import ShapesTrain
+
+    config = shipped_task_config("unclip", scale_by_std=False, scale_factor=0.5)
+    model = build(config)
+    train_steps(model, ShapesTrain(size=16, length=12))
+    return save_run(root, "unclip", config, model), model.eval()

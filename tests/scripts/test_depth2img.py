@@ -5,37 +5,23 @@ per-sample seeds; wrong inputs are one error line."""
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.shapes import ShapesScenesTrain
 from ldm.data.util import AddMiDaS
 from ldm.pipelines import Depth2Img
-from ldm.util import instantiate_from_config
-from task_runs import REPO, randomise_zero_convs, save_run, shipped_task_config, train_steps
+from task_runs import build, depth_run, save_run, shipped_task_config, train_steps
 
 BASE = ["--steps", "4", "--device", "cpu", "--n_samples", "2", "--prompt", "a red circle on a white background"]
 MIDAS = {"target": "ldm.modules.midas.api.MiDaSInference", "params": {"model_type": "midas_v21_small",
                                                                       "model_path": None}}
 
 
-def build(config):
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)  # the tokenizer path is relative to the repository root
-        model = instantiate_from_config(config.model)
-    randomise_zero_convs(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def depth_runs(tmp_path_factory):
     """'data': the built-in config on the scenes' depth; 'midas': MiDaS (random weights) on AddMiDaS inputs."""
-    root, runs = tmp_path_factory.mktemp("depth"), {}
-    config = shipped_task_config("depth2img", scale_by_std=False, scale_factor=0.5)
-    model = build(config)
-    assert all(np.isfinite(train_steps(model, ShapesScenesTrain(size=16, length=12))))
-    runs["data"] = (save_run(root, "data", config, model), model.eval())
+    root = tmp_path_factory.mktemp("depth")
+    runs = {"data": depth_run(root / "data")}
     config = shipped_task_config("depth2img", scale_by_std=False, scale_factor=0.5, concat_keys=["midas_in"],
                                  depth_stage_config=MIDAS)
     model = build(config)

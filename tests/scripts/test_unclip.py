@@ -10,24 +10,24 @@ from ldm import inference as inf
 from ldm.data.shapes import ShapesTrain
 from ldm.pipelines import ImageVariations
 from ldm.sampling.noise import SeededNoise
-from ldm.util import instantiate_from_config
-from task_runs import REPO, randomise_zero_convs, save_run, shipped_task_config, train_steps
+from task_runs import build, shipped_task_config, train_steps, unclip_run
 
 BASE = ["--steps", "4", "--device", "cpu", "--n_samples", "2", "--H", "16", "--W", "16"]
 
 
 @pytest.fixture(scope="module")
-def unclip_run(tmp_path_factory):
+def unclip(tmp_path_factory):
+    return unclip_run(tmp_path_factory.mktemp("unclip"))
+
+
+def test_training_leaves_the_embedder_frozen(tmp_path):
     config = shipped_task_config("unclip", scale_by_std=False, scale_factor=0.5)
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        model = instantiate_from_config(config.model)
-    randomise_zero_convs(model)
+    model = build(config)
     embedder = {k: v.clone() for k, v in model.embedder.state_dict().items()}
+    label = model.model.diffusion_model.label_emb[0][0].weight.detach().clone()
     assert all(np.isfinite(train_steps(model, ShapesTrain(size=16, length=12))))
     assert all(torch.equal(v, model.embedder.state_dict()[k]) for k, v in embedder.items())  # frozen
-    return save_run(tmp_path_factory.mktemp("unclip"), "unclip", config, model), model.eval()
+    assert not torch.equal(model.model.diffusion_model.label_emb[0][0].weight, label)  # the vector path trains
 
 
 def shape_file(folder, index):
@@ -43,8 +43,8 @@ def read(path):
         return image.convert("RGB")
 
 
-def test_the_image_embedding_steers_with_guidance_against_a_zero_vector(unclip_run, tmp_path, monkeypatch):
-    run, model = unclip_run
+def test_the_image_embedding_steers_with_guidance_against_a_zero_vector(unclip, tmp_path, monkeypatch):
+    run, model = unclip
     a, b = shape_file(tmp_path, 0), shape_file(tmp_path, 1)
     job = ImageVariations(model, str(run.ckpt), steps=4, scale=3.0, image=read(a), image_path=str(a), noise_level=0)
     first = job(["", ""], [5, 6])
@@ -66,8 +66,8 @@ def test_the_image_embedding_steers_with_guidance_against_a_zero_vector(unclip_r
     assert not seen["uc"]["vector"].any() and seen["c"]["crossattn"].shape == seen["uc"]["crossattn"].shape
 
 
-def test_script_varies_each_image_with_metadata(unclip_run, scripts, tmp_path):
-    run, _ = unclip_run
+def test_script_varies_each_image_with_metadata(unclip, scripts, tmp_path):
+    run, _ = unclip
     images = [shape_file(tmp_path, 0), shape_file(tmp_path, 1)]
     argv = ["-r", str(run.logdir), "--init-img", *map(str, images), "--noise_level", "100", "--scale", "2.0",
             "--outdir", str(tmp_path / "out"), *BASE]
@@ -86,8 +86,8 @@ def test_script_varies_each_image_with_metadata(unclip_run, scripts, tmp_path):
     ("missing", "--init-img: image '{tmp}/nowhere.png' does not exist"),
     ("not-unclip", "is not an image-variation model"),
 ])
-def test_wrong_inputs_are_one_error_line(unclip_run, tiny_runs, scripts, tmp_path, capsys, case, message):
-    run, _ = unclip_run
+def test_wrong_inputs_are_one_error_line(unclip, tiny_runs, scripts, tmp_path, capsys, case, message):
+    run, _ = unclip
     image = shape_file(tmp_path, 0)
     logdir = tiny_runs("text").logdir if case == "not-unclip" else run.logdir
     extra = {"level": ["--noise_level", "1000"], "size": ["--H", "18"], "missing": [], "not-unclip": []}[case]
