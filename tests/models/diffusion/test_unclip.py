@@ -11,6 +11,7 @@ import torch
 from ldm.data.shapes import ShapesTrain
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import ImageEmbeddingConditionedLatentDiffusion
+from ldm.models.diffusion.sampler import Sampler
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import ConfigError, instantiate_from_config
 from tiny_ldm import batch_of, model_config, randomise_zero_convs, train
@@ -104,7 +105,7 @@ def test_augmentation_and_dropout_follow_the_original_random_stream(text_stage, 
     assert 0.35 < torch.stack(shares).mean() < 0.65
 
 
-def test_unclip_samples_with_guidance_and_logs(text_stage, data):
+def test_unclip_samples_with_guidance_and_logs(text_stage, data, monkeypatch):
     torch.manual_seed(0)
     model = instantiate_from_config(unclip_config(text_stage)).eval()
     randomise_zero_convs(model)
@@ -120,6 +121,11 @@ def test_unclip_samples_with_guidance_and_logs(text_stage, data):
     log = model.log_images(batch, N=2, ddim_steps=4, unconditional_guidance_scale=3.0)
     assert set(log) == {"inputs", "reconstruction", "conditioning", "samplescfg_scale_3.00"}
     assert log["samplescfg_scale_3.00"].shape == (2, 3, 32, 32)
+    drawn = []
+    run = Sampler.run
+    monkeypatch.setattr(Sampler, "run", lambda self, *a, **k: drawn.append(self.name) or run(self, *a, **k))
+    heun = model.log_images(batch, N=2, ddim_steps=4, unconditional_guidance_scale=3.0, sampler="heun")
+    assert drawn == ["heun"] and not torch.equal(heun["samplescfg_scale_3.00"], log["samplescfg_scale_3.00"])
 
 
 def test_unclip_checkpoint_restores_the_embedder_too(text_stage, tmp_path):
