@@ -93,11 +93,10 @@ class Task:
         return inf.prompt_conditioning(self.model, prompts, self.scale, self.negative_prompt)
 
 
-# ----------------------------------------------------------------------------------------- txt2img
 @dataclass
-class Txt2Img(Task):
-    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler (any name of
-    `ldm.inference.SAMPLERS`, or the alias "dpm") under classifier-free guidance, then decoded (scripts/txt2img.py).
+class SampledTask(Task):
+    """A task that draws latents from per-sample seeded noise with a registered sampler (any name of
+    `ldm.inference.SAMPLERS`, or the alias "dpm"), with the sampling flags of scripts/txt2img.py.
 
     `eta` None is the sampler's own (0 for ddim, the original --ddim_eta default; 1 for the ancestral samplers);
     `spacing` (--schedule) picks the noise-level spacing (default: the sampler's); `guidance_rescale` blends the
@@ -106,10 +105,38 @@ class Txt2Img(Task):
 
     eta: float | None = None
     sampler: str = "ddim"
-    height: int = 512
-    width: int = 512
     spacing: str | None = None
     guidance_rescale: float = 0.0
+
+    def prepare_sampler(self) -> None:
+        """Resolve eta, check the steps and eta the sampler accepts (one ScriptError naming the flag) and build it."""
+        self.eta = inf.resolve_eta(self.sampler, self.eta)
+        options = {"spacing": self.spacing} if self.spacing else {}
+        inf.check_steps(self.sampler, self.steps, self.eta, self.model, **options)
+        self._sampler = inf.make_sampler(self.sampler, self.model, **options)
+
+    def sampler_metadata(self) -> dict[str, Any]:
+        """The sampling settings as PNG metadata entries (None entries are dropped by sample_metadata)."""
+        return dict(sampler=self.sampler, schedule=self.spacing, steps=self.steps, scale=self.scale,
+                    negative_prompt=self.negative_prompt or None, eta=self.eta,
+                    guidance_rescale=self.guidance_rescale or None)
+
+    def sample(self, c: Any, uc: Any, shape: Sequence[int], seeds: Sequence[int],
+               progress: Progress | None = None) -> torch.Tensor:
+        """Latents of `shape` (C, h, w) for conditioning (c, uc), sample i from seeds[i]."""
+        return inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, shape, seeds,
+                                  callback=step_callback(progress, self.steps),
+                                  guidance_rescale=self.guidance_rescale)
+
+
+# ----------------------------------------------------------------------------------------- txt2img
+@dataclass
+class Txt2Img(SampledTask):
+    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler under classifier-free
+    guidance, then decoded (scripts/txt2img.py; the sampler settings as `SampledTask`'s)."""
+
+    height: int = 512
+    width: int = 512
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -125,26 +152,18 @@ class Txt2Img(Task):
             raise inf.ScriptError(f"the model of '{self.ckpt}' reads {unet_in_channels(model) - model.channels} "
                                   "concatenated conditioning channels (an inpainting or upscaling model); use "
                                   "scripts/inpaint.py or scripts/superres.py")
-        self.eta = inf.resolve_eta(self.sampler, self.eta)
         factor = inf.first_stage_factor(model)
         inf.check_size(self.height, self.width, inf.image_multiple(model))
-        options = {"spacing": self.spacing} if self.spacing else {}
-        inf.check_steps(self.sampler, self.steps, self.eta, model, **options)
+        self.prepare_sampler()
         self.shape = (model.channels, self.height // factor, self.width // factor)
-        self._sampler = inf.make_sampler(self.sampler, model, **options)
-        self.common = inf.sample_metadata(
-            sampler=self.sampler, schedule=self.spacing, steps=self.steps, scale=self.scale,
-            negative_prompt=self.negative_prompt or None, eta=self.eta, guidance_rescale=self.guidance_rescale or None,
-            checkpoint=self.label, H=self.height, W=self.width)
+        self.common = inf.sample_metadata(**self.sampler_metadata(), checkpoint=self.label, H=self.height,
+                                          W=self.width)
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], progress: Progress | None = None) -> Samples:
         """One image per prompt, prompt i drawn with seeds[i]."""
         with self.context():
             c, uc = self.conditioning(prompts)
-            z = inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, self.shape, seeds,
-                                   callback=step_callback(progress, self.steps),
-                                   guidance_rescale=self.guidance_rescale)
-            images = _decoded(self.model, z)
+            images = _decoded(self.model, self.sample(c, uc, self.shape, seeds, progress))
         return Samples(images, [inf.sample_metadata(prompt=p, seed=s, **self.common) for p, s in zip(prompts, seeds)])
 
 

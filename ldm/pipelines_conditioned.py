@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm import inference as inf
-from ldm.pipelines import Img2Img, Progress, Samples, Task, _decoded, fit_to_multiple, step_callback
+from ldm.pipelines import Img2Img, Progress, SampledTask, Samples, _decoded, fit_to_multiple, step_callback
 from ldm.sampling.noise import SeededNoise
 
 
@@ -89,14 +89,13 @@ def read_segmentation(path: str, n_labels: int, multiple: int, flag: str = "--se
 
 
 @dataclass
-class MapToImage(Task):
+class MapToImage(SampledTask):
     """Layout-to-image and semantic synthesis (scripts/sample_conditional.py): latents sampled from per-sample seeded
     noise, conditioned on a bounding-box layout (token sequences, cross-attention; `height` x `width` pixels, any
     multiple of the model's factor, also beyond the training size) or on a label map (one-hot, concatenated at
     the latent size its cond stage gives). No guidance by default (the originals trained no null layout or map)."""
 
     scale: float = 1.0
-    sampler: str = "ddim"
     height: int = 16
     width: int = 16
 
@@ -116,10 +115,8 @@ class MapToImage(Task):
                                   "conditioning to guide with; use --scale 1")
         if self.kind == "layout":
             inf.check_size(self.height, self.width, inf.image_multiple(self.model))
-        inf.check_steps(self.sampler, self.steps, self.eta, self.model)
-        self._sampler = inf.make_sampler(self.sampler, self.model)
-        self.common = inf.sample_metadata(sampler=self.sampler, steps=self.steps, scale=self.scale,
-                                          eta=self.eta if self.sampler == "ddim" else None, checkpoint=self.label)
+        self.prepare_sampler()
+        self.common = inf.sample_metadata(**self.sampler_metadata(), checkpoint=self.label)
 
     @property
     def key(self) -> str:
@@ -146,9 +143,7 @@ class MapToImage(Task):
             factor = inf.first_stage_factor(self.model)
             size = (self.height // factor, self.width // factor) if self.kind == "layout" else tuple(
                 c["concat"].shape[-2:])
-            z = inf.sample_latents(self._sampler, self.steps, c, None, 1.0, self.eta, (self.model.channels, *size),
-                                   seeds, callback=step_callback(progress, self.steps))
-            images = _decoded(self.model, z)
+            images = _decoded(self.model, self.sample(c, None, (self.model.channels, *size), seeds, progress))
         return Samples(images, [inf.sample_metadata(seed=s, **{self.kind: self.describe(v)}, **self.common)
                                 for v, s in zip(inputs.cpu(), seeds)])
 
@@ -234,7 +229,7 @@ class Depth2Img(Img2Img):
 
 # ----------------------------------------------------------------------------------------- image variations
 @dataclass
-class ImageVariations(Task):
+class ImageVariations(SampledTask):
     """SD 2.1 unCLIP image variations (scripts/unclip.py): the input image's CLIP embedding, noise-augmented to
     `noise_level` with per-sample seeded noise and joined with the level's embedding, is the UNet's vector; the
     prompt (may be empty) the cross-attention context. Guidance: the unconditional side has the negative prompt (or
@@ -244,7 +239,6 @@ class ImageVariations(Task):
     image_path: str = "image.png"
     noise_level: int = 0
     scale: float = 10.0
-    sampler: str = "ddim"
     height: int | None = None
     width: int | None = None
 
@@ -269,16 +263,14 @@ class ImageVariations(Task):
         native = int(model.image_size) * inf.first_stage_factor(model)
         self.height, self.width = self.height or native, self.width or native
         inf.check_size(self.height, self.width, inf.image_multiple(model))
-        inf.check_steps(self.sampler, self.steps, self.eta, model)
+        self.prepare_sampler()
         factor = inf.first_stage_factor(model)
         self.shape = (model.channels, self.height // factor, self.width // factor)
-        self._sampler = inf.make_sampler(self.sampler, model)
         with self.context():
             self.pixels = inf.image_to_tensor(self.image, model.device)
         self.common = inf.sample_metadata(
-            sampler=self.sampler, steps=self.steps, scale=self.scale, negative_prompt=self.negative_prompt or None,
-            eta=self.eta if self.sampler == "ddim" else None, noise_level=self.noise_level,
-            init_image=os.path.basename(self.image_path), checkpoint=self.label, H=self.height, W=self.width)
+            **self.sampler_metadata(), noise_level=self.noise_level, init_image=os.path.basename(self.image_path),
+            checkpoint=self.label, H=self.height, W=self.width)
 
     def embedding(self, seeds: Sequence[int]) -> torch.Tensor:
         """The UNet's vector for each sample: the image embedding noise-augmented with seeds[i]'s noise."""
@@ -296,7 +288,5 @@ class ImageVariations(Task):
             vector = self.embedding(seeds)
             c = {**text, "vector": vector}
             uc = None if text_uc is None else {**text_uc, "vector": torch.zeros_like(vector)}
-            z = inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, self.shape, seeds,
-                                   callback=step_callback(progress, self.steps))
-            images = _decoded(self.model, z)
+            images = _decoded(self.model, self.sample(c, uc, self.shape, seeds, progress))
         return Samples(images, [inf.sample_metadata(prompt=p, seed=s, **self.common) for p, s in zip(prompts, seeds)])

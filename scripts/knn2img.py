@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.pipelines import Samples, _decoded  # noqa: E402
+from ldm.pipelines import SampledTask, Samples, _decoded  # noqa: E402
 
 DATABASES = ["openimages", "artbench-art_nouveau", "artbench-baroque", "artbench-expressionism",
              "artbench-impressionism", "artbench-post_impressionism", "artbench-realism", "artbench-romanticism",
@@ -43,8 +43,7 @@ def get_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--query-img", dest="query_img", nargs="+", default=None, help="image queries instead of the prompt")
     add("--n_repeat", type=int, default=1, help="number of repeats in CLIP latent space")
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
+    inf.add_sampler_flags(parser)
     add("--H", type=int, default=768, help="image height in pixels")
     add("--W", type=int, default=768, help="image width in pixels")
     add("--clip_type", default="ViT-L/14", help="the CLIP for queries and neighbours (when the model has none)")
@@ -95,10 +94,12 @@ class Knn2Img:
                 raise inf.ScriptError(f"--database: {err}") from None
             if not 1 <= args.knn <= len(self.searcher):
                 raise inf.ScriptError(f"--knn {args.knn} must lie in [1, {len(self.searcher)}], the database size")
-        self.sampler_name = inf.sampler_name(args)
+        name = inf.sampler_name(args)
         inf.check_size(args.H, args.W, inf.image_multiple(model))
-        inf.check_steps(self.sampler_name, args.steps, args.ddim_eta, model)
-        self.sampler = inf.make_sampler(self.sampler_name, model)
+        self.job = SampledTask(model, ckpt, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
+                               sampler=name, spacing=args.spacing, guidance_rescale=args.guidance_rescale,
+                               precision=args.precision)
+        self.job.prepare_sampler()
         factor = inf.first_stage_factor(model)
         self.shape = (model.channels, args.H // factor, args.W // factor)
 
@@ -113,14 +114,12 @@ class Knn2Img:
     def __call__(self, queries: torch.Tensor, labels: Sequence[str], seeds: Sequence[int]) -> Samples:
         """Samples for unit-norm query embeddings [B, D], query i with seeds[i]; `labels` name them in metadata."""
         args = self.args
-        with torch.no_grad(), inf.autocast(args.precision, self.model.device):
+        with self.job.context():
             c = self.context(queries)
             uc = torch.zeros_like(c) if args.scale != 1.0 else None
-            z = inf.sample_latents(self.sampler, args.steps, c, uc, args.scale, args.ddim_eta, self.shape, seeds)
-            images = _decoded(self.model, z)
-        meta = dict(sampler=self.sampler_name, steps=args.steps, scale=args.scale, n_repeat=args.n_repeat,
-                    knn=args.knn if self.searcher is not None else 0, checkpoint=inf.checkpoint_label(self.ckpt),
-                    eta=args.ddim_eta if self.sampler_name == "ddim" else None)
+            images = _decoded(self.model, self.job.sample(c, uc, self.shape, seeds))
+        meta = dict(**self.job.sampler_metadata(), n_repeat=args.n_repeat,
+                    knn=args.knn if self.searcher is not None else 0, checkpoint=self.job.label)
         return Samples(images, [inf.sample_metadata(query=q, seed=s, **meta) for q, s in zip(labels, seeds)])
 
 

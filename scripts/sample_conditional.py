@@ -45,8 +45,7 @@ def get_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-data", dest="from_data", type=int, metavar="N",
                         help="the first N conditioning inputs of the model's validation data (its config's data)")
     add("--outdir", default="outputs/conditional-samples", help="where to write")
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
+    inf.add_sampler_flags(parser)
     add("--H", type=int, default=None, help="image height in pixels for layouts (default: the model's)")
     add("--W", type=int, default=None, help="image width in pixels for layouts (default: the model's)")
     add("--steps", "--ddim_steps", dest="steps", type=int, default=50, help="sampling steps")
@@ -90,8 +89,10 @@ def generate(args: argparse.Namespace) -> list[str]:
     files, ckpt = inf.resolve_model_files(args.config, args.ckpt, args.resume, args.default_config, args.default_ckpt)
     config, model = inf.load_model(files, ckpt, device, use_ema=args.ema)
     native = int(model.image_size) * inf.first_stage_factor(model)
-    job = MapToImage(model, ckpt, sampler=inf.sampler_name(args), steps=args.steps, scale=args.scale,
-                     eta=args.ddim_eta, height=args.H or native, width=args.W or native, precision=args.precision)
+    name = inf.sampler_name(args)
+    job = MapToImage(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
+                     spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H or native,
+                     width=args.W or native, precision=args.precision)
     if args.layout:
         if job.kind != "layout":
             raise inf.ScriptError("--layout: the model reads label maps; use --segmentation")

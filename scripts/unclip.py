@@ -37,8 +37,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--init-img", dest="init_img", nargs="+", required=True, help="the image(s) to vary")
     add("--noise_level", type=int, default=0, help="noise augmentation of the CLIP image embedding")
     add("--negative_prompt", default="", help="the unconditional side of the guidance (default: the empty caption)")
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
+    inf.add_sampler_flags(parser)
     add("--H", type=int, default=None, help="image height in pixels (default: the model's)")
     add("--W", type=int, default=None, help="image width in pixels (default: the model's)")
     inf.add_sampling_flags(parser, n_iter=1, n_samples=4, scale=10.0)
@@ -53,10 +52,12 @@ def generate(args: argparse.Namespace) -> list[str]:
     model, _, ckpt = inf.load_from_args(args)
     inf.check_latent_flags(args, model)
     images = [(path, inf.read_image(path, "--init-img")) for path in args.init_img]
-    jobs = [ImageVariations(model, ckpt, steps=args.steps, scale=args.scale, eta=args.ddim_eta,
+    name = inf.sampler_name(args)
+    jobs = [ImageVariations(model, ckpt, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
+                            sampler=name, spacing=args.spacing, guidance_rescale=args.guidance_rescale,
                             negative_prompt=args.negative_prompt, precision=args.precision, image=image,
-                            image_path=path, noise_level=args.noise_level, sampler=inf.sampler_name(args),
-                            height=args.H, width=args.W) for path, image in images]  # every input checked first
+                            image_path=path, noise_level=args.noise_level, height=args.H, width=args.W)
+            for path, image in images]  # every input checked first
     written = []
     for job in jobs:
         inf.seed_everything(args.seed)

@@ -108,3 +108,34 @@ def unclip_run(root):
     model = build(config)
     train_steps(model, ShapesTrain(size=16, length=12))
     return save_run(root, "unclip", config, model), model.eval()
+
+
+# the sampler flags of scripts/txt2img.py, as every task script takes them, and what they must reach
+SAMPLER_FLAGS = ["--sampler", "euler_ancestral", "--schedule", "karras", "--eta", "0.5", "--guidance_rescale", "0.3"]
+
+
+def spy_sampling(monkeypatch):
+    """Record the sampler a script builds (name, options) and the eta / guidance_rescale its sampling runs with."""
+    from ldm import inference as inf
+
+    seen, make, sample = {"made": []}, inf.make_sampler, inf.sample_latents
+
+    def make_sampler(name, model, **options):
+        seen["made"].append((name, options))
+        return make(name, model, **options)
+
+    def sample_latents(*args, **kwargs):
+        seen.update(eta=args[5], guidance_rescale=kwargs.get("guidance_rescale", 0.0))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(inf, "make_sampler", make_sampler)
+    monkeypatch.setattr(inf, "sample_latents", sample_latents)
+    return seen
+
+
+def assert_sampler_flags_reached(seen, meta):
+    """SAMPLER_FLAGS built that sampler with that spacing, sampled with that eta and rescale, and are in the PNG
+    metadata (text chunks)."""
+    assert seen["made"] and all(made == ("euler_ancestral", {"spacing": "karras"}) for made in seen["made"]), seen
+    assert seen["eta"] == 0.5 and seen["guidance_rescale"] == 0.3
+    assert (meta["sampler"], meta["schedule"], meta["eta"]) == ("euler_ancestral", "karras", "0.5")

@@ -11,7 +11,16 @@ from PIL import Image
 from ldm.data.shapes import ShapesTrain
 from ldm.modules import retrieval
 from ldm.util import instantiate_from_config
-from task_runs import REPO, randomise_zero_convs, save_run, shipped_task_config, train_steps
+from task_runs import (
+    REPO,
+    SAMPLER_FLAGS,
+    assert_sampler_flags_reached,
+    randomise_zero_convs,
+    save_run,
+    shipped_task_config,
+    spy_sampling,
+    train_steps,
+)
 
 BASE = ["--steps", "4", "--device", "cpu", "--H", "16", "--W", "16", "--n_samples", "2"]
 
@@ -125,14 +134,27 @@ def test_knn2img_samples_image_and_text_queries_with_neighbours(rdm_run, scripts
     assert c_meta["query"] == "a red circle on a white background"
 
 
+def test_knn2img_takes_the_sampler_flags_of_txt2img(rdm_run, scripts, tmp_path, monkeypatch):
+    run, _ = rdm_run
+    main = scripts("knn2img").main
+    args = ["-r", str(run.logdir), "--use_neighbors", "--knn", "2", "--scale", "3.0", "--prompt", "x", *BASE]
+    seen = spy_sampling(monkeypatch)
+    assert main([*args, *SAMPLER_FLAGS, "--outdir", str(tmp_path / "e")]) == 0
+    assert_sampler_flags_reached(seen, pixels(tmp_path / "e" / "samples" / "00000.png")[1])
+    assert main([*args, "--plms", "--outdir", str(tmp_path / "p")]) == 0  # the original's flag stays
+    assert pixels(tmp_path / "p" / "samples" / "00000.png")[1]["sampler"] == "plms"
+
+
 @pytest.mark.parametrize("case, message", [
+    ("plms", "--sampler euler and --plms exclude each other"),
     ("knn", "--knn 999 must lie in [1, 64], the database size"),
     ("database", "--database: 'nowhere' is not a folder"),
     ("size", "--H 18 must be a positive multiple of 8"),
 ])
 def test_knn2img_wrong_flags_are_one_error_line(rdm_run, scripts, tmp_path, capsys, case, message):
     run, _ = rdm_run
-    extra = {"knn": ["--knn", "999"], "database": ["--database", "nowhere"], "size": ["--H", "18"]}[case]
+    extra = {"knn": ["--knn", "999"], "database": ["--database", "nowhere"], "size": ["--H", "18"],
+             "plms": ["--sampler", "euler", "--plms"]}[case]
     argv = ["-r", str(run.logdir), "--use_neighbors", "--prompt", "x", *BASE, *extra, "--outdir", str(tmp_path / "o")]
     assert scripts("knn2img").main(argv) == 2
     err = capsys.readouterr().err.strip()

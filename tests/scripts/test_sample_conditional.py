@@ -9,7 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from task_runs import save_run, shipped_task_config, train_steps
+from task_runs import (
+    SAMPLER_FLAGS,
+    assert_sampler_flags_reached,
+    save_run,
+    shipped_task_config,
+    spy_sampling,
+    train_steps,
+)
 from ldm.data.shapes import ShapesScenesTrain
 from ldm.pipelines import MapToImage
 from ldm.util import instantiate_from_config
@@ -112,3 +119,13 @@ def test_wrong_inputs_are_one_error_line(task_runs, scripts, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_script_takes_the_sampler_flags_of_txt2img(task_runs, scripts, tmp_path, monkeypatch):
+    run, _ = task_runs["semantic"]
+    main = scripts("sample_conditional").main
+    seen = spy_sampling(monkeypatch)
+    assert main(["-r", str(run.logdir), "--from-data", "1", *BASE, *SAMPLER_FLAGS, "--outdir", str(tmp_path / "e")]) == 0
+    assert_sampler_flags_reached(seen, pixels(tmp_path / "e" / "samples" / "00000.png")[1])
+    assert main(["-r", str(run.logdir), "--from-data", "1", *BASE, "--plms", "--outdir", str(tmp_path / "p")]) == 0
+    assert pixels(tmp_path / "p" / "samples" / "00000.png")[1]["sampler"] == "plms"  # the original flag stays

@@ -10,7 +10,15 @@ from ldm import inference as inf
 from ldm.data.shapes import ShapesTrain
 from ldm.pipelines import ImageVariations
 from ldm.sampling.noise import SeededNoise
-from task_runs import build, shipped_task_config, train_steps, unclip_run
+from task_runs import (
+    SAMPLER_FLAGS,
+    assert_sampler_flags_reached,
+    build,
+    shipped_task_config,
+    spy_sampling,
+    train_steps,
+    unclip_run,
+)
 
 BASE = ["--steps", "4", "--device", "cpu", "--n_samples", "2", "--H", "16", "--W", "16"]
 
@@ -78,6 +86,18 @@ def test_script_varies_each_image_with_metadata(unclip, scripts, tmp_path):
         meta = dict(png.text)
     assert meta["init_image"] == "shape1.png" and meta["noise_level"] == "100" and meta["seed"] == "42"
     assert read(samples[0]).size == (16, 16)
+
+
+def test_script_takes_the_sampler_flags_of_txt2img(unclip, scripts, tmp_path, monkeypatch):
+    run, _ = unclip
+    argv = ["-r", str(run.logdir), "--init-img", str(shape_file(tmp_path, 0)), "--scale", "2.0", *BASE]
+    seen = spy_sampling(monkeypatch)
+    assert scripts("unclip").main([*argv, *SAMPLER_FLAGS, "--outdir", str(tmp_path / "e")]) == 0
+    with Image.open(tmp_path / "e" / "samples" / "00000.png") as png:
+        assert_sampler_flags_reached(seen, dict(png.text))
+    assert scripts("unclip").main([*argv, "--dpm", "--outdir", str(tmp_path / "d")]) == 0  # the original's flag
+    with Image.open(tmp_path / "d" / "samples" / "00000.png") as png:
+        assert png.text["sampler"] == "dpm"
 
 
 @pytest.mark.parametrize("case, message", [
