@@ -1,25 +1,18 @@
 """The web UI's depth-to-image and image-variations tabs, driven with gradio_client on a free loopback port: they
 appear for the models that do those tasks only, and their results equal scripts/depth2img.py's and
 scripts/unclip.py's for the same settings and seed (PNG pixels and text metadata)."""
-import socket
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.data.shapes import ShapesScenesValidation
 from task_runs import depth_run, unclip_run
+from test_webui import free_port  # one way to pick the port for both web UI test modules
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 PROMPT = "a red circle on a white background"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
