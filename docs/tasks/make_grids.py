@@ -61,8 +61,13 @@ def to_png(array: np.ndarray, path: Path, mode: str = "RGB") -> Path:
 
 def save_grid(rows: list[list[torch.Tensor]], path: Path) -> None:
     """Rows of equally sized images, 2-pixel gaps, enlarged ZOOM times."""
-    grid = inf.grid_image(torch.stack([image for row in rows for image in row]), nrow=len(rows[0]))
-    grid.resize((grid.width * ZOOM, grid.height * ZOOM), Image.Resampling.NEAREST).save(path)
+    enlarged(inf.grid_image(torch.stack([image for row in rows for image in row]), nrow=len(rows[0])), path)
+
+
+def enlarged(grid: Image.Image, path: Path) -> None:
+    """A grid enlarged ZOOM times (nearest neighbour), written atomically."""
+    inf.save_png(grid.convert("RGB").resize((grid.width * ZOOM, grid.height * ZOOM), Image.Resampling.NEAREST), path,
+                 {})
     print(f"wrote {path}")
 
 
@@ -76,8 +81,7 @@ def map_grid(run: str, out: Path, tmp: Path) -> None:
     run_script("sample_conditional", ["-r", run, "--from-data", 6, "--n_samples", 4, "--ema", "--seed", 42,
                                       "--outdir", tmp])
     with Image.open(tmp / "grid-0000.png") as grid:
-        grid.resize((grid.width * ZOOM, grid.height * ZOOM), Image.Resampling.NEAREST).save(out)
-    print(f"wrote {out}")
+        enlarged(grid, out)
 
 
 def depth_grid(run: str, out: Path, tmp: Path) -> None:

@@ -110,6 +110,17 @@ def unclip_run(root):
     return save_run(root, "unclip", config, model), model.eval()
 
 
+def sr_run(root):
+    """shapes-sr.yaml (shrunk) trained a few steps on ShapesSR (4x4 -> 16x16): (run, model in eval mode)."""
+    from ldm.data.shapes import ShapesSR
+
+    config = shipped_task_config("sr", scale_by_std=False, scale_factor=0.5)
+    model = build(config)
+    losses = train_steps(model, ShapesSR(size=16, length=12))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    return save_run(root, "sr", config, model), model.eval()
+
+
 # the sampler flags of scripts/txt2img.py, as every task script takes them, and what they must reach
 SAMPLER_FLAGS = ["--sampler", "euler_ancestral", "--schedule", "karras", "--eta", "0.5", "--guidance_rescale", "0.3"]
 

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from PIL import Image
 
+from task_runs import sr_run
+
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
@@ -41,9 +43,10 @@ SR_NOTEBOOK = NOTEBOOK.parent / "superresolution.ipynb"
 
 
 @pytest.mark.slow  # a kernel start and a fresh torch import: ~30 s
-def test_superresolution_notebook_upscales_beyond_the_training_size_in_patches(tiny_runs, monkeypatch):
-    """The concat SR run (trained on 4x4 inputs -> 16x16) upscales a 8x8 shape to 32x32 with split_input_params."""
-    run = tiny_runs("concat")
+def test_superresolution_notebook_upscales_beyond_the_training_size_in_patches(tmp_path, monkeypatch):
+    """shapes-sr.yaml (shrunk) trained a few steps on ShapesSR (4x4 inputs -> 16x16) upscales an 8x8 shape to 32x32
+    with split_input_params."""
+    run, _ = sr_run(tmp_path)
     notebook, texts = execute(SR_NOTEBOOK, run, monkeypatch, timeout=180)
     assert f"run: {run.logdir}" in texts and "trained on 4x4 latents, f4" in texts
     assert "low-resolution input (1, 3, 8, 8) -> latent (8, 8)" in texts
