@@ -59,6 +59,22 @@ def is_plain(model: Any) -> bool:
     return unet_in_channels(model) == model.channels and not callable(getattr(model, "image_embedding", None))
 
 
+MAP_KEYS = {"coordinates_bbox": "layout", "segmentation": "semantic"}
+
+
+def map_kind(model: Any) -> str | None:
+    """'layout' (a cond stage reading `coordinates_bbox` token sequences by cross-attention), 'semantic' (a
+    `segmentation` label map, concatenated after the cond stage) or None (see `MapToImage`)."""
+    if not inf.is_conditional(model):
+        return None
+    return MAP_KEYS.get(getattr(model, "cond_stage_key", None))
+
+
+def reads_captions(model: Any) -> bool:
+    """Whether the model is conditioned on captions (`inf.is_text_model` also counts layout token sequences)."""
+    return inf.is_text_model(model) and map_kind(model) is None
+
+
 def _decoded(model: Any, z: torch.Tensor) -> torch.Tensor:
     """Latents decoded to images in [-1, 1], float32 on the CPU."""
     return model.decode_first_stage(z).detach().float().clamp(-1, 1).cpu()
@@ -141,7 +157,7 @@ class Txt2Img(SampledTask):
     @staticmethod
     def supports(model: Any) -> bool:
         """Text-conditioned models whose UNet reads the latent alone."""
-        return inf.is_text_model(model) and is_plain(model)
+        return reads_captions(model) and is_plain(model)
 
     def __post_init__(self) -> None:
         model = self.model
@@ -193,7 +209,7 @@ class Img2Img(Task):
     @staticmethod
     def supports(model: Any) -> bool:
         """Text-conditioned or unconditional models whose UNet reads the latent alone."""
-        return is_plain(model) and (inf.is_text_model(model) or not inf.is_conditional(model))
+        return is_plain(model) and (reads_captions(model) or not inf.is_conditional(model))
 
     def __post_init__(self) -> None:
         from ldm.models.diffusion.ddim import DDIMSampler
@@ -331,7 +347,7 @@ def superres_kind(model: Any) -> str | None:
     if hasattr(model, "low_scale_model"):
         return "upscaler"
     if (getattr(model.model, "conditioning_key", None) == "concat" and model.cond_stage_model is not None
-            and inpaint_kind(model) == "sampler-mask"):
+            and inpaint_kind(model) == "sampler-mask" and map_kind(model) is None):  # not label maps
         return "concat"
     return None
 
@@ -422,7 +438,7 @@ class SuperRes(Task):
 
 # The tasks conditioned on maps and images (layout-to-image, semantic synthesis, depth-to-image, image variations)
 # live in ldm/pipelines_conditioned.py, served from here (resolved on first access, PEP 562: no import cycle).
-_CONDITIONED = ("MAP_KEYS", "map_kind", "read_layout", "read_segmentation", "MapToImage", "depth_to_concat",
+_CONDITIONED = ("read_layout", "read_segmentation", "MapToImage", "depth_to_concat",
                 "Depth2Img", "ImageVariations")
 
 

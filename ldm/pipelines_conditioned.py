@@ -7,7 +7,7 @@ flag), calling it samples one batch with per-sample seeds and returns `Samples` 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,22 +17,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm import inference as inf
-from ldm.pipelines import Img2Img, Progress, SampledTask, Samples, _decoded, fit_to_multiple, step_callback
+from ldm.pipelines import (
+    Img2Img,
+    Progress,
+    SampledTask,
+    Samples,
+    _decoded,
+    fit_to_multiple,
+    map_kind,
+    step_callback,
+)
 from ldm.sampling.noise import SeededNoise
 
 
 # ----------------------------------------------------------------------------------------- layout / semantic maps
-MAP_KEYS = {"coordinates_bbox": "layout", "segmentation": "semantic"}
-
-
-def map_kind(model: Any) -> str | None:
-    """'layout' (a cond stage reading `coordinates_bbox` token sequences by cross-attention), 'semantic' (a
-    `segmentation` label map, concatenated after the cond stage) or None."""
-    if not inf.is_conditional(model):
-        return None
-    return MAP_KEYS.get(getattr(model, "cond_stage_key", None))
-
-
 def read_layout(path: str, builder: Any, flag: str = "--layout") -> list[torch.Tensor]:
     """The layouts of a JSON file as token sequences: one layout (a list of objects) or a list of layouts; an object
     is {"class": name or number, "bbox": [x0, y0, w, h]} in [0, 1] image coordinates (names: the builder's
@@ -122,6 +120,39 @@ class MapToImage(SampledTask):
     def key(self) -> str:
         """The batch key the model's cond stage reads."""
         return self.model.cond_stage_key
+
+    @property
+    def n_labels(self) -> int:
+        """How many labels a semantic model's one-hot maps have (its SpatialRescaler's input channels, else the
+        UNet's concatenated channels)."""
+        mapper = getattr(self.model.cond_stage_model, "channel_mapper", None)
+        if mapper is not None:
+            return mapper.in_channels
+        return self.model.model.diffusion_model.in_channels - self.model.channels
+
+    def read_inputs(self, layout: str | None = None, segmentation: Sequence[str] | None = None) -> torch.Tensor:
+        """The conditioning inputs of a --layout JSON file (token sequences [B, L]) or --segmentation label-map
+        images (one-hot [B, H, W, n_labels], all of one size); the wrong kind for the model is one error."""
+        if layout:
+            if self.kind != "layout":
+                raise inf.ScriptError("--layout: the model reads label maps; use --segmentation")
+            return torch.stack(read_layout(layout, getattr(self.model, "bbox_tokenizer", None)))
+        if not segmentation:
+            raise inf.ScriptError(f"--{'layout' if self.kind == 'layout' else 'segmentation'}: no input given")
+        if self.kind != "semantic":
+            raise inf.ScriptError("--segmentation: the model reads layouts; use --layout")
+        maps = [read_segmentation(path, self.n_labels, inf.image_multiple(self.model)) for path in segmentation]
+        if len({m.shape for m in maps}) > 1:
+            raise inf.ScriptError("--segmentation: the label maps differ in size; give maps of one size per call")
+        return torch.cat(maps)
+
+    def sample_each(self, inputs: torch.Tensor, first_seed: int, n_samples: int,
+                    progress: Progress | None = None) -> Iterator[Samples]:
+        """`n_samples` images of every input in turn, input i with seeds first_seed + i * n_samples, ... (as
+        scripts/sample_conditional.py numbers them)."""
+        for i, value in enumerate(inputs):
+            seeds = inf.sample_seeds(first_seed + i * n_samples, n_samples)
+            yield self(value[None].expand(n_samples, *value.shape), seeds, progress)
 
     def describe(self, value: torch.Tensor) -> str:
         """One conditioning input as PNG metadata: a layout's objects read back, or a label map's label counts."""

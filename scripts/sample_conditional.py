@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.pipelines import MapToImage, read_layout, read_segmentation  # noqa: E402
+from ldm.pipelines import MapToImage  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 LABEL_COLORS = ((64, 64, 64), (30, 118, 179), (255, 126, 13), (43, 159, 43), (213, 38, 39), (147, 102, 188),
@@ -93,26 +93,14 @@ def generate(args: argparse.Namespace) -> list[str]:
     job = MapToImage(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
                      spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H or native,
                      width=args.W or native, precision=args.precision)
-    if args.layout:
-        if job.kind != "layout":
-            raise inf.ScriptError("--layout: the model reads label maps; use --segmentation")
-        inputs = torch.stack(read_layout(args.layout, getattr(model, "bbox_tokenizer", None)))
-    elif args.segmentation:
-        if job.kind != "semantic":
-            raise inf.ScriptError("--segmentation: the model reads layouts; use --layout")
-        n_labels = model.cond_stage_model.channel_mapper.in_channels if hasattr(
-            model.cond_stage_model, "channel_mapper") else model.model.diffusion_model.in_channels - model.channels
-        maps = [read_segmentation(path, n_labels, inf.image_multiple(model)) for path in args.segmentation]
-        if len({m.shape for m in maps}) > 1:
-            raise inf.ScriptError("--segmentation: the label maps differ in size; give maps of one size per call")
-        inputs = torch.cat(maps)
-    else:
+    if args.from_data is not None:
         inputs = data_inputs(config, job.key, args.from_data)
+    else:
+        inputs = job.read_inputs(args.layout, args.segmentation)
     inf.seed_everything(args.seed)
     written, rows = [], []
-    for i, value in enumerate(tqdm(inputs, desc="Sampling")):
-        seeds = inf.sample_seeds(args.seed + i * args.n_samples, args.n_samples)
-        samples = job(value[None].expand(args.n_samples, *value.shape), seeds)
+    for value, samples in zip(inputs, tqdm(job.sample_each(inputs, args.seed, args.n_samples), total=len(inputs),
+                                           desc="Sampling")):
         written += inf.save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
         rows.append(torch.cat([drawn(job, value, tuple(samples.images.shape[-2:]))[None], samples.images]))
     if not args.skip_grid:

@@ -2,8 +2,8 @@
 Each tab reads its inputs, makes the `ldm.pipelines` task the matching script makes from the same settings (the
 field labels name the script flags, and so do the messages) and returns its results to `WebUI.run`.
 
-A new task is one more entry: a pipeline with `supports(model)` and a builder here (depth-to-image and image
-variations are such entries).
+A new task is one more entry: a pipeline with `supports(model)` and a builder here (depth-to-image, image
+variations and layout / label map to image are such entries).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ldm.pipelines import (
     ImageVariations,
     Img2Img,
     Inpaint,
+    MapToImage,
     Progress,
     Samples,
     SuperRes,
@@ -190,6 +191,16 @@ def sampler_inputs(name: str) -> tuple[gr.Dropdown, gr.Dropdown, gr.Slider]:
     return sampler, spacing, rescale
 
 
+def sampler_settings(ui: WebUI, sampler: str, spacing: str | None, rescale: float, steps: float, scale: float,
+                     eta: float, negative: str) -> dict[str, Any]:
+    """A `SampledTask`'s settings from the page's values: the sampler, its spacing (none for the default), the
+    guidance rescale and eta as txt2img.py's --ddim_eta (0 leaves an ancestral sampler its own)."""
+    options = settings(ui, steps, scale, eta, negative)
+    options["eta"] = inf.resolve_eta(sampler, None, options["eta"])
+    return dict(options, sampler=sampler, spacing=None if spacing in (None, "", DEFAULT_SPACING) else spacing,
+                guidance_rescale=float(rescale or 0.0))
+
+
 def build_txt2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
     """Prompt, negative prompt, sampler, schedule, guidance rescale, steps, scale, eta, size, seed, batch."""
     with gr.Row():
@@ -209,11 +220,8 @@ def build_txt2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Ga
         def body(loaded: Loaded, report: Progress) -> list[Samples]:
             inf.check_prompt(prompt, alternative="")
             first = pick_seed(seed)
-            options = settings(ui, steps, scale, eta, negative)
-            options["eta"] = inf.resolve_eta(sampler, None, options["eta"])  # as txt2img.py's --ddim_eta
-            job = Txt2Img(loaded.model, loaded.ckpt, sampler=sampler, height=as_int(height), width=as_int(width),
-                          spacing=None if spacing in (None, "", DEFAULT_SPACING) else spacing,
-                          guidance_rescale=float(rescale or 0.0), **options)
+            job = Txt2Img(loaded.model, loaded.ckpt, height=as_int(height), width=as_int(width),
+                          **sampler_settings(ui, sampler, spacing, rescale, steps, scale, eta, negative))
             inf.seed_everything(first)
             return [job([prompt] * int(batch), inf.sample_seeds(first, int(batch)), report)]
 
@@ -401,6 +409,46 @@ def build_variations(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr
     return TabParts()
 
 
+# ----------------------------------------------------------------------------------------- layout / label map
+def build_maps(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """A layout file or a label map, the layout's image size, sampler, schedule, steps, eta, seed, samples per input."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            layout = gr.File(label='Layout: JSON, [{"class": ..., "bbox": [x0, y0, w, h]}, ...] (--layout)',
+                             file_types=[".json"], type="filepath", elem_id=f"{tab.name}-layout")
+            segmentation = image_input("Label map: one label index per pixel", "--segmentation",
+                                       f"{tab.name}-segmentation")
+            sampler, spacing, rescale = sampler_inputs(tab.name)
+            with gr.Row():
+                height = gr.Number(value=0, precision=0, label="Height of a layout's images (--H; 0: the model's)",
+                                   elem_id=f"{tab.name}-height")
+                width = gr.Number(value=0, precision=0, label="Width (--W; 0: the model's)",
+                                  elem_id=f"{tab.name}-width")
+            steps, scale, eta, seed, batch = sampling_inputs(
+                tab.name, scale=1.0, batch_label="Samples per input (--n_samples)",
+                eta_label="Eta (--ddim_eta; 0 leaves an ancestral sampler its own, 1)")
+        out = output_column(tab.name)
+
+    def maps(layout: str | None, segmentation: str | None, sampler: str, steps: float, scale: float, eta: float,
+             height: float, width: float, seed: float, batch: float, spacing: str | None, rescale: float,
+             history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            native = native_size(loaded.model)
+            job = MapToImage(loaded.model, loaded.ckpt, height=as_int(height) or native,
+                             width=as_int(width) or native,
+                             **sampler_settings(ui, sampler, spacing, rescale, steps, scale, eta, ""))
+            inputs = job.read_inputs(layout, [segmentation] if segmentation else None)
+            first = pick_seed(seed)
+            inf.seed_everything(first)
+            return list(job.sample_each(inputs, first, int(batch), report))
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, maps, [layout, segmentation, sampler, steps, scale, eta, height, width, seed, batch, spacing,
+                         rescale], out, history, history_gallery)
+    return TabParts()
+
+
 TABS: tuple[Tab, ...] = (
     Tab("txt2img", "Text to image", Txt2Img.supports, build_txt2img),
     Tab("img2img", "Image to image", Img2Img.supports, build_img2img),
@@ -408,4 +456,5 @@ TABS: tuple[Tab, ...] = (
     Tab("superres", "Super-resolution", SuperRes.supports, build_superres),
     Tab("depth2img", "Depth to image", Depth2Img.supports, build_depth2img),
     Tab("variations", "Image variations", ImageVariations.supports, build_variations),
+    Tab("maps", "Layout / label map to image", MapToImage.supports, build_maps),
 )

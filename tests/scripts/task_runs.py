@@ -110,6 +110,22 @@ def unclip_run(root):
     return save_run(root, "unclip", config, model), model.eval()
 
 
+def map_run(root, name):
+    """shapes-layout2img.yaml or shapes-semantic.yaml (shrunk) trained a few steps on ShapesScenes, its cond stage
+    training with the UNet: (run, model in eval mode)."""
+    from ldm.data.shapes import ShapesScenesTrain
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(0)
+    config = shipped_task_config(name, scale_by_std=False, scale_factor=0.5)
+    model = instantiate_from_config(config.model)
+    before = [p.detach().clone() for p in model.cond_stage_model.parameters()]
+    losses = train_steps(model, ShapesScenesTrain(size=16, length=12))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.cond_stage_model.parameters()))
+    return save_run(root, name, config, model), model.eval()
+
+
 def sr_run(root):
     """shapes-sr.yaml (shrunk) trained a few steps on ShapesSR (4x4 -> 16x16): (run, model in eval mode)."""
     from ldm.data.shapes import ShapesSR
