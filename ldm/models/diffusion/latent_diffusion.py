@@ -19,6 +19,7 @@ import torch.nn as nn
 from ldm.models.diffusion.ddpm import DDPM, batch_images
 from ldm.models.diffusion.latent_logging import LatentImageLogging
 from ldm.models.diffusion.patchwise import PatchwiseMixin
+from ldm.modules.cached import CachedConditioning, FirstStageLatent, plain
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed, global_drop
 from ldm.modules.encoders.roles import bare_role, bare_slot, is_role_dict, take, to_legacy
@@ -158,6 +159,8 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Encode raw conditioning (captions, labels, images) with the cond stage."""
+        if isinstance(c, CachedConditioning):  # already the frozen cond stage's output (a latent cache)
+            return plain(c)
         if self.cond_stage_forward is None:
             if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
                 c = self.cond_stage_model.encode(c)
@@ -173,7 +176,10 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """First-stage encoding of images (patch-wise with split_input_params, see `PatchwiseMixin`)."""
+        """First-stage encoding of images (a FirstStageLatent from a latent cache is passed through; patch-wise with
+        split_input_params, see `PatchwiseMixin`)."""
+        if isinstance(x, FirstStageLatent):
+            return plain(x)
         patched = self.patchwise_encode(x, self.first_stage_model.encode)
         return self.first_stage_model.encode(x) if patched is None else patched
 
@@ -288,9 +294,9 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
         return self(x, c)
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any):
-        """Loss at uniformly drawn timesteps, encoding the conditioning when the cond stage trains; the loss sees
-        the conditioning as a role dict."""
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        """Loss at timesteps drawn by the loss's sampler, encoding the conditioning when the cond stage trains; the
+        loss sees the conditioning as a role dict."""
+        t = self.diffusion_loss.sample_timesteps(x.shape[0], self.schedule, self.device)
         if self.model.conditioning_key is not None:
             if c is None:
                 raise ValueError("the model is conditional but the batch gave no conditioning")
@@ -301,7 +307,11 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
                 tc = self.cond_ids[t].to(self.device)
                 c = {role: self.q_sample(x_start=v, t=tc, noise=torch.randn_like(v.float())) if v.is_floating_point()
                      else v for role, v in c.items()}
-        return self.p_losses(x, t, cond=c, *args, **kwargs)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """The training loss of conditioned latents at timesteps t (the original argument order)."""
+        return super().p_losses(x_start, t, noise=noise, cond=cond)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False):
         """The network output; cond is a role dict or an original form (a tensor, a list, or a dict of c_concat /
