@@ -138,9 +138,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: 
     add("--skip_save", action="store_true", help="do not write the individual samples")
 
 
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+def add_sampler_flags(parser: argparse.ArgumentParser, eta_flag: bool = True) -> None:
     """--sampler NAME (any of ldm.sampling.SAMPLERS), --plms and --dpm/--dpm_solver (the original flags, aliases),
-    --schedule (the noise-level spacing), --eta and --guidance_rescale."""
+    --schedule (the noise-level spacing), --eta (unless the script has its own) and --guidance_rescale."""
     from ldm.sampling import ALIASES, SAMPLERS as REGISTRY
     from ldm.sampling.schedule import SPACINGS
 
@@ -152,8 +152,9 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         help="DPM-Solver++(2M) with the timesteps of the original --dpm (the DPMSolverSampler class)")
     add("--schedule", dest="spacing", choices=SPACINGS, default=None,
         help="noise-level spacing (default: the sampler's): karras, exponential, trailing, ...")
-    add("--eta", type=float, default=None,
-        help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
+    if eta_flag:
+        add("--eta", type=float, default=None,
+            help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
     add("--guidance_rescale", type=float, default=0.0,
         help="rescale classifier-free guidance towards the conditional std (Lin et al. 2023; 0: off, 0.7 typical)")
 
@@ -169,9 +170,13 @@ def sampler_name(args: argparse.Namespace) -> str:
     return getattr(args, "sampler", None) or (chosen[0] if chosen else "ddim")
 
 
-def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
-    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
-    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+def sampler_eta(args: argparse.Namespace, name: str, ddim_default: float = 0.0) -> float | None:
+    """The eta the sampler runs with from the flags (see `resolve_eta`); `ddim_default` stands for --ddim_eta in a
+    script without that flag (sample_diffusion.py's DDIM runs with eta 1, as the original's)."""
+    ddim_eta = getattr(args, "ddim_eta", None)
+    if ddim_eta is None:
+        ddim_eta = ddim_default if name == "ddim" else 0.0
+    return resolve_eta(name, getattr(args, "eta", None), ddim_eta)
 
 
 def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
@@ -186,6 +191,15 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """make_sampler's options from the flags (the spacing of --schedule)."""
     spacing = getattr(args, "spacing", None)
     return {"spacing": spacing} if spacing else {}
+
+
+def sampler_from_args(args: argparse.Namespace, model: Any, steps: int,
+                      ddim_default: float = 0.0) -> tuple[str, Any, float | None]:
+    """(name, sampler, eta) the sampler flags ask for, checked against the model before anything runs."""
+    name = sampler_name(args)
+    eta, options = sampler_eta(args, name, ddim_default), sampler_options(args)
+    check_steps(name, steps, eta, model, **options)
+    return name, make_sampler(name, model, **options), eta
 
 
 def check_counts(args: argparse.Namespace) -> None:

@@ -282,9 +282,9 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         return self(x, c)
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any):
-        """Loss at uniformly drawn timesteps, encoding the conditioning when the cond stage trains; the loss sees
-        the conditioning as a role dict."""
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        """Loss at timesteps drawn by the loss's sampler, encoding the conditioning when the cond stage trains; the
+        loss sees the conditioning as a role dict."""
+        t = self.diffusion_loss.sample_timesteps(x.shape[0], self.schedule, self.device)
         if self.model.conditioning_key is not None:
             if c is None:
                 raise ValueError("the model is conditional but the batch gave no conditioning")
@@ -295,7 +295,11 @@ class LatentDiffusion(LatentImageLogging, DDPM):
                 tc = self.cond_ids[t].to(self.device)
                 c = {role: self.q_sample(x_start=v, t=tc, noise=torch.randn_like(v.float())) if v.is_floating_point()
                      else v for role, v in c.items()}
-        return self.p_losses(x, t, cond=c, *args, **kwargs)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """The training loss of conditioned latents at timesteps t (the original argument order)."""
+        return super().p_losses(x_start, t, noise=noise, cond=cond)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False):
         """The network output; cond is a role dict or an original form (a tensor, a list, or a dict of c_concat /

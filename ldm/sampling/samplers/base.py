@@ -11,9 +11,10 @@ in the k-diffusion manner:
   (discrete VP, EDM, flow) and every parameterization;
 - `sigmas` is the explicit descending step array (`ldm.sampling.schedule.spacing`), ending at 0 for a clean sample;
 - `x` is the start latent at sigmas[0], e.g. `schedule.to_ve(x_T, sigmas[0])` for pure noise x_T ~ N(0, I) in the
-  process scale (k-diffusion starts from noise * sigmas[0] instead). When sigmas[0] is infinite (zero terminal SNR, flow at t = 1) x holds
-  the pure noise itself (x_T in the process scale), and the first step is the first-order limit of the
-  sampler's step, D + sigma_next * eps (+ fresh noise for the ancestral ones): higher orders do not exist there;
+  process scale (k-diffusion starts from noise * sigmas[0] instead). When sigmas[0] is infinite (zero terminal SNR,
+  flow at t = 1) x holds the pure noise itself (x_T in the process scale), and the first step is the first-order
+  limit of the sampler's step, D + sigma_next * eps (+ fresh noise for the ancestral ones): higher orders do not
+  exist there;
 - `noise` is where random draws come from (`SeededNoise` per sample, `GlobalNoise`, ...; default: the global
   generator on x's device); `mask`, `x0` the inpainting hook: before each step's first model evaluation the
   known region (mask == 1) is replaced by x0 noised to the step's level (`paste_known`), as the original DDIM and
