@@ -17,20 +17,26 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: F401 - original config target main.*
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
 from ldm.errors import UserError
+from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
+from ldm.training.checkpoint_io import CheckpointWriteError
 from ldm.training.config import (LOGDIR_ENV, RunDir, UsageError, drop_manual_optimization_options, learning_rate,
                                  load_config, resolve_run, split_base_and_overrides, str2bool, trainer_options)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
+from ldm.training.fault_tolerance import NonFiniteError
 from ldm.training.trainer import build_trainer
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger("main")
 
+# exit codes besides 0 (done), 1 (crash, or a checkpoint that could not be written) and 2 (user error)
+EXIT_NON_FINITE = 3  # the NaN guard stopped training (lightning.nan_guard.max_consecutive bad steps in a row)
+EXIT_TERMINATED = 143  # SIGTERM: last.ckpt written, training stopped cleanly; requeue and resume with -r
 USER_ERRORS = (UserError,)  # every user mistake (UsageError, ConfigError, CheckpointError, ...) derives from it
 BOOL_FLAGS = {"-t": "--train", "--train": "--train", "--no-test": "--no-test", "-d": "--debug",
               "--debug": "--debug", "--scale_lr": "--scale_lr"}
@@ -138,7 +144,7 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
     drop_manual_optimization_options(options, model)
     lightning_config.trainer = options
     data = instantiate_from_config(config.data, path="data") if needs_data else None
-    emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"))
+    emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"), handle_sigterm=True)
     trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
     if opt.train:
         accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
@@ -176,11 +182,18 @@ def main(argv: list[str] | None = None, configure_logging: bool = False) -> int:
     inherited = os.environ.get(LOGDIR_ENV)
     os.environ[LOGDIR_ENV] = run.logdir  # Lightning's launcher starts the other ranks with this environment
     previous = signal.signal(signal.SIGUSR1, emergency.request)
+    previous_term = signal.signal(signal.SIGTERM, emergency.request_stop)
     try:
         run_stages(opt, run, model, data, trainer)
     except USER_ERRORS as err:
         print(f"main.py: error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointWriteError) as err:
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE if isinstance(err, NonFiniteError) else 1
+    except SIGTERMException:  # SIGTERM before training started (Lightning's handler): nothing to save yet
+        print("main.py: stopped by SIGTERM before training started; run the same command again", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception:
         if opt.debug and trainer.global_rank == 0 and sys.stdin.isatty():
             import pdb
@@ -189,10 +202,15 @@ def main(argv: list[str] | None = None, configure_logging: bool = False) -> int:
         raise
     finally:
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         if inherited is None:
             os.environ.pop(LOGDIR_ENV, None)
         else:
             os.environ[LOGDIR_ENV] = inherited
+    if emergency.stopped_by_signal:
+        print(f"main.py: stopped by SIGTERM after writing {emergency.ckpt_path}; resume with "
+              f"main.py -r {run.logdir}", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 

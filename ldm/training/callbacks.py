@@ -4,6 +4,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,10 +20,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ldm.data.resumable import local_state_only
+from ldm.training.checkpoint_io import CheckpointWriteError
+from ldm.training.fault_tolerance import NonFiniteError
 from ldm.training.evaluation import EvaluationCallback  # noqa: F401 - config target ldm.training.callbacks.EvaluationCallback
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
+
+# exceptions after which the emergency checkpoint is not written: a full disk, or a model stopped for NaN steps
+UNSAVED_EXCEPTIONS = (CheckpointWriteError, NonFiniteError)
 
 
 def save_yaml(config: Any, path: str) -> None:
@@ -181,35 +189,65 @@ class EmergencyCheckpoint(Callback):
     """Write `last.ckpt` when asked by a signal (see `request`) or when training dies of an exception or Ctrl-C.
 
     A signal only sets a flag; the checkpoint is written at the end of the current training batch, where the
-    state is consistent (and, with several processes, where all of them agree to save). After an exception only
+    state is consistent (and, with several processes, where all of them agree to save); `request_stop` (SIGTERM,
+    owned by this callback during training with `handle_sigterm`) then also ends training. After an exception only
     the rank-0 process writes, without waiting for the others, which is possible only when every process holds
     the full model (single device, DDP); sharded strategies skip it with a warning.
     """
 
-    def __init__(self, ckpt_path: str):
+    def __init__(self, ckpt_path: str, handle_sigterm: bool = False):
         super().__init__()
-        self.ckpt_path = ckpt_path
+        self.ckpt_path, self.handle_sigterm = ckpt_path, handle_sigterm
         self._requested = False
+        self._stop_requested = False
+        self.stopped_by_signal = False
+        self._saved_step: int | None = None
 
     def request(self, *_: Any) -> None:
         """Ask for a checkpoint at the end of the current batch (signal-handler safe: it only sets a flag)."""
         self._requested = True
 
+    def request_stop(self, *_: Any) -> None:
+        """Ask for a checkpoint at the end of the current batch and a clean stop after it (SIGTERM)."""
+        self._requested = self._stop_requested = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Take rank 0's path: processes started separately (torchrun, srun) may have named their run directories at
+        different seconds, and a sharded save needs every process to write into the same place."""
+        if trainer.world_size > 1:
+            self.ckpt_path = trainer.strategy.broadcast(self.ckpt_path, src=0)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With handle_sigterm, take SIGTERM back from the handler Lightning installs at fit start: Lightning's stops
+        before the next batch without a save all processes take part in (it restores the previous one after fit)."""
+        if self.handle_sigterm and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Save when any process was asked to."""
-        requested = self._requested
+        requested, stop = self._requested, self._stop_requested
         if trainer.world_size > 1:
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if requested:
             self._requested = False
             logger.info("checkpoint requested by signal: saving %s at step %d", self.ckpt_path, trainer.global_step)
             self._adopt_as_last(trainer)
             trainer.save_checkpoint(self.ckpt_path)
+            self._saved_step = trainer.global_step
+        if stop:
+            logger.warning("SIGTERM: stopping after step %d; resume with main.py -r", trainer.global_step)
+            self.stopped_by_signal = True
+            trainer.should_stop = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Save the training state reached so far ("summoning checkpoint") before the process exits."""
         if trainer.state.fn != TrainerFn.FITTING or not trainer.optimizers or trainer.global_step == 0:
+            return
+        if isinstance(exception, UNSAVED_EXCEPTIONS) or self._saved_step == trainer.global_step:
+            logger.info("not saving %s after %s (the last checkpoint stays as it is)", self.ckpt_path,
+                        type(exception).__name__)
             return
         strategy = trainer.strategy
         local = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
@@ -221,7 +259,8 @@ class EmergencyCheckpoint(Callback):
             return
         try:
             self._adopt_as_last(trainer)
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            with local_state_only():  # the other processes are not taking part in this save
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             strategy.checkpoint_io.save_checkpoint(checkpoint, self.ckpt_path)
             logger.warning("%s during training: saved %s at step %d", type(exception).__name__, self.ckpt_path,
                            trainer.global_step)

@@ -10,6 +10,7 @@ import glob
 import inspect
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,7 @@ def _resumed_run(now: str, resume: str) -> RunDir:
     expected = "a run directory logs/<run> or a checkpoint logs/<run>/checkpoints/<file>.ckpt"
     if not os.path.exists(resume):
         raise UsageError(f"-r/--resume: '{resume}' does not exist; expected {expected}")
-    if os.path.isfile(resume):
+    if os.path.isfile(resume) or is_sharded_checkpoint(resume):
         ckpt = resume
         parent = os.path.dirname(os.path.abspath(resume))
         while os.path.basename(parent) != "checkpoints":  # also checkpoints/trainstep_checkpoints/<file>
@@ -119,19 +120,33 @@ def _resumed_run(now: str, resume: str) -> RunDir:
     else:
         logdir = os.path.normpath(resume)
         ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
-        if not os.path.isfile(ckpt):
+        remove_stale_temp_files(os.path.join(logdir, "checkpoints"))  # may put back a set-aside last.ckpt
+        if not (os.path.isfile(ckpt) or is_sharded_checkpoint(ckpt)):
             raise UsageError(f"-r/--resume: run directory '{resume}' has no checkpoints/last.ckpt to resume from")
     saved = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
     remove_stale_temp_files(os.path.join(logdir, "checkpoints"))
     return RunDir(logdir=logdir, now=now, resume_ckpt=ckpt, saved_configs=saved)
 
 
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether `path` is a sharded (distributed) checkpoint: a folder with Lightning's meta.pt."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.pt"))
+
+
 def remove_stale_temp_files(ckptdir: str) -> None:
-    """Delete the hidden `.<name>.<pid>.<id>.tmp` files a killed writer left (see `ldm.util.atomic_path`)."""
-    for path in glob.glob(os.path.join(ckptdir, "**", ".*.tmp"), recursive=True):
+    """Delete the hidden `.<name>.<pid>.<id>.tmp` files (or sharded-checkpoint folders) a killed writer left (see
+    `ldm.util.atomic_path`); a `.<name>.<id>.prev` that a kill left while swapping in a sharded checkpoint goes back
+    to `<name>` when that is missing."""
+    for path in glob.glob(os.path.join(ckptdir, "**", ".*.prev"), recursive=True):
+        original = os.path.join(os.path.dirname(path), os.path.basename(path)[1:].rsplit(".", 2)[0])
+        if not os.path.exists(original):
+            logger.info("putting back %s as %s (a checkpoint swap was interrupted)", path, original)
+            os.replace(path, original)
+    for path in glob.glob(os.path.join(ckptdir, "**", ".*.tmp"), recursive=True) + \
+            glob.glob(os.path.join(ckptdir, "**", ".*.prev"), recursive=True):
         logger.info("removing %s, left by an interrupted checkpoint write", path)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def split_base_and_overrides(base: Sequence[str], unknown: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -162,8 +177,9 @@ def load_config(files: Sequence[str], dotlist: Sequence[str]) -> tuple[DictConfi
     try:
         overrides = OmegaConf.from_dotlist(list(dotlist))
         config = OmegaConf.merge(*configs, overrides)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise UsageError(f"config overrides {' '.join(dotlist)}: {_first_line(err)}") from err
+    except (OmegaConfBaseException, ValueError, TypeError, yaml.YAMLError) as err:  # e.g. an unquoted {0..9}.tar
+        raise UsageError(f"config overrides {' '.join(dotlist)}: {_first_line(err)} (quote values that YAML "
+                         "would read as a mapping or list, e.g. key='{0..9}.tar')") from err
     if not isinstance(config.get("model"), DictConfig):
         sources = " ".join(files) or "(no -b files)"
         raise UsageError(f"the merged config from {sources} has no 'model' section; "

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.training.callbacks import EmergencyCheckpoint, SetupCallback
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.fault_tolerance import ModuleBatchEndFirst, RandomState
 from ldm.training.config import RunDir, UsageError
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
@@ -108,6 +109,7 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
         else:
             cfg = user
         callbacks.append(instantiate_from_config(cfg, path=f"lightning.callbacks.{name}"))
+    callbacks.extend(fault_tolerance_callbacks(lightning_config))  # before the callbacks that save
     callbacks.append(emergency)
     if options.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(TQDMProgressBar())
@@ -115,6 +117,26 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
         cfg = checkpoint_config(run, model, lightning_config.get("modelcheckpoint"))
         callbacks.append(instantiate_from_config(cfg, path="lightning.modelcheckpoint"))
     return callbacks
+
+
+def fault_tolerance_callbacks(lightning_config: DictConfig) -> list[Callback]:
+    """NaNGuard (`lightning.nan_guard`: params, or null/false to turn it off), RandomState
+    (`lightning.random_state: false` turns it off), and ModuleBatchEndFirst (EMA updates before checkpoints)."""
+    out: list[Callback] = []
+    guard = lightning_config.get("nan_guard", {})
+    if guard not in (None, False):
+        params = OmegaConf.to_container(guard) if isinstance(guard, DictConfig) else guard
+        if not isinstance(params, dict):
+            raise UsageError(f"lightning.nan_guard: expected a mapping like {{max_consecutive: 10}} or null, "
+                             f"got {guard!r}")
+        out.append(instantiate_from_config({"target": "ldm.training.fault_tolerance.NaNGuard", "params": params},
+                                           path="lightning.nan_guard"))
+    else:
+        logger.info("NaN guard disabled by lightning.nan_guard: %s", guard)
+    if lightning_config.get("random_state", True):
+        out.append(RandomState())
+    out.append(ModuleBatchEndFirst())
+    return out
 
 
 def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: RunDir, model: Any,
@@ -125,6 +147,9 @@ def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: Ru
                               {"save_dir": run.logdir, "project": project})
     run_logger = instantiate_from_config(logger_cfg, path="lightning.logger")
     callbacks = build_callbacks(lightning_config, run, model, config, options, emergency)
+    strategy = options.get("strategy")
+    if isinstance(strategy, dict) and "target" in strategy:  # a Strategy object from its config
+        options["strategy"] = instantiate_from_config(strategy, path="lightning.trainer.strategy")
     plugins = options.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if not str(options.get("strategy", "")).startswith("deepspeed"):

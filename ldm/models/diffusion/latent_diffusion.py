@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import DDPM, batch_images
 from ldm.models.diffusion.latent_logging import LatentImageLogging
+from ldm.modules.cached import CachedConditioning, FirstStageLatent, plain
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed, global_drop
 from ldm.modules.encoders.roles import bare_role, bare_slot, is_role_dict, take, to_legacy
@@ -156,6 +157,8 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Encode raw conditioning (captions, labels, images) with the cond stage."""
+        if isinstance(c, CachedConditioning):  # already the frozen cond stage's output (a latent cache)
+            return plain(c)
         if self.cond_stage_forward is None:
             if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
                 c = self.cond_stage_model.encode(c)
@@ -171,7 +174,9 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """First-stage encoding of images."""
+        """First-stage encoding of images (a FirstStageLatent from a latent cache is passed through)."""
+        if isinstance(x, FirstStageLatent):
+            return plain(x)
         return self.first_stage_model.encode(x)
 
     @torch.no_grad()
