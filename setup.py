@@ -29,9 +29,12 @@ setup(
         "gradio>=6",
         "timm",  # the MiDaS backbones (ViT-L/16, ViT-B/16 + ResNet-50, EfficientNet-Lite3) of ldm.modules.midas
         "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
+        "faiss-cpu",  # the retrieval searcher of RDM (scripts/train_searcher.py, knn2img.py; ldm.modules.retrieval)
+        "invisible-watermark",  # SD v1's invisible watermark (scripts/txt2img.py --watermark, ldm.safety)
     ],
     extras_require={
         "sde": ["torchsde"],  # the SDE samplers' Brownian-tree noise option (brownian=True)
+        "safety": ["diffusers>=0.30"],  # SD v1's safety checker (scripts/txt2img.py --safety_checker, ldm.safety)
         "test": [
             "pytest>=7",
             "pytest-xdist",

@@ -519,29 +519,37 @@ def next_index(folder: str | os.PathLike, pattern: str = r"(\d+)\.png") -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_samples(images: torch.Tensor, folder: str | os.PathLike, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One PNG per image, `NNNNN.png` numbered after the files already there; returns the paths."""
+Finish = Callable[[np.ndarray], np.ndarray]
+
+
+def save_samples(images: torch.Tensor, folder: str | os.PathLike, metadata: Sequence[Mapping[str, Any]],
+                 finish: Finish | None = None) -> list[str]:
+    """One PNG per image, `NNNNN.png` numbered after the files already there (each (H, W, 3) uint8 image passed
+    through `finish` first, e.g. a watermark); returns the paths."""
     start = next_index(folder, r"(\d{5,})\.png")
     paths = []
     for k, (pixels, meta) in enumerate(zip(to_uint8(images), metadata)):
         path = os.path.join(folder, f"{start + k:05}.png")
-        save_png(pixels, path, meta)
+        save_png(pixels if finish is None else finish(pixels), path, meta)
         paths.append(path)
     return paths
 
 
-def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metadata: Mapping[str, Any]) -> str:
-    """`grid-NNNN.png` in `outdir`, numbered after the grids already there."""
+def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metadata: Mapping[str, Any],
+              finish: Finish | None = None) -> str:
+    """`grid-NNNN.png` in `outdir`, numbered after the grids already there (through `finish` as save_samples)."""
     index = next_index(outdir, r"grid-(\d+)\.png")
     path = os.path.join(outdir, f"grid-{index:04}.png")
-    save_png(grid_image(images, nrow), path, metadata)
+    grid = grid_image(images, nrow)
+    save_png(grid if finish is None else finish(np.asarray(grid)), path, metadata)
     return path
 
 
 def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
-                   sample_batch: Callable[[list[str], list[int]], Any]) -> list[str]:
+                   sample_batch: Callable[[list[str], list[int]], Any], finish: Finish | None = None) -> list[str]:
     """Run `sample_batch(prompts, seeds)` (an `ldm.pipelines` task: images in [-1, 1] and their metadata) over the
-    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid); returns the paths.
+    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid), each uint8 image
+    through `finish` when given; returns the paths.
 
     One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
     original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
@@ -555,14 +563,14 @@ def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
             seeds = sample_seeds(first, len(batch))
             samples = sample_batch(batch, seeds)
             if not args.skip_save:
-                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
+                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata, finish)
             all_images.append(samples.images)
             all_seeds += seeds
             first_meta = first_meta or samples.metadata[0]
     if not args.skip_grid:
         grid_meta = {**first_meta, "prompt": prompts[0] if len(prompts) == 1 else repr(list(prompts)),
                      "seed": repr(all_seeds)}
-        written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
+        written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta, finish))
     logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 

@@ -537,7 +537,18 @@ class DiffusionWrapper(pl.LightningModule):
         if "concat" in roles:
             x = torch.cat([x, roles["concat"]], dim=1)
         inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        scripted = getattr(self, "scripted_diffusion_model", None)
+        if scripted is not None:  # SD 2's --torchscript: a traced UNet takes its inputs positionally
+            return scripted(x, t, *inputs.values())
         return self.diffusion_model(x, t, **inputs)
+
+    def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> list[torch.Tensor]:
+        """The UNet's positional inputs for x at t under `cond` (x with the concat channels, t, context, y): what a
+        `scripted_diffusion_model` is traced on."""
+        roles = self.roles(cond)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        return [x, t] + [roles[role] for role in ("crossattn", "vector") if role in roles]
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
@@ -553,6 +564,7 @@ _REEXPORTS = {
     "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
     "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
+    "RetrievalAugmentedDiffusion": "ldm.models.diffusion.retrieval",
 }
 
 
