@@ -325,8 +325,10 @@ def test_latent_shape_is_consistent(name):
         p = cfg.model.params
         assert p.channels == p.first_stage_config.params.embed_dim
         assert p.unet_config.params.out_channels == p.channels
-        if p.get("conditioning_key") not in ("hybrid", "hybrid-adm"):
+        if p.get("conditioning_key") not in ("concat", "hybrid", "hybrid-adm"):
             assert p.unet_config.params.in_channels == p.channels
+        else:  # the concatenated conditioning widens the UNet's input
+            assert p.unet_config.params.in_channels > p.channels
         if name in EXPECTED_CONFIGS:
             # the latent size the model samples at, for the published image size of its data
             assert p.image_size * factor in (256, 512)
