@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -180,9 +180,12 @@ class DDPM(pl.LightningModule):
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
+        for name, value in buffers.items():  # copies: loading a checkpoint must not write into the schedule
+            self.register_buffer(name, value.clone())
         self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+        if buffers and not getattr(self, "_schedule_check_registered", False):
+            self.register_load_state_dict_post_hook(_warn_on_other_schedule)
+            self._schedule_check_registered = True
 
     def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
@@ -477,6 +480,15 @@ def images_bchw(x: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x[..., None]
     return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+def _warn_on_other_schedule(module: "DDPM", incompatible_keys: Any) -> None:
+    """After a state dict is loaded: warn when its schedule buffers differ from the model's schedule, which is what
+    training and sampling use (the buffers are kept for checkpoints only)."""
+    expected = module.schedule.buffers()["alphas_cumprod"].to(module.alphas_cumprod.device)
+    if not torch.allclose(module.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+        logger.warning("the checkpoint's alphas_cumprod differ from the schedule of the config (max difference %.3g); "
+                       "training and sampling use the config's (model.schedule): check timesteps, linear_start, "
+                       "linear_end, beta_schedule and process_config",
+                       float((module.alphas_cumprod - expected).abs().max()))
 
 
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -525,7 +537,18 @@ class DiffusionWrapper(pl.LightningModule):
         if "concat" in roles:
             x = torch.cat([x, roles["concat"]], dim=1)
         inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        scripted = getattr(self, "scripted_diffusion_model", None)
+        if scripted is not None:  # SD 2's --torchscript: a traced UNet takes its inputs positionally
+            return scripted(x, t, *inputs.values())
         return self.diffusion_model(x, t, **inputs)
+
+    def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> list[torch.Tensor]:
+        """The UNet's positional inputs for x at t under `cond` (x with the concat channels, t, context, y): what a
+        `scripted_diffusion_model` is traced on."""
+        roles = self.roles(cond)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        return [x, t] + [roles[role] for role in ("crossattn", "vector") if role in roles]
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
@@ -541,6 +564,7 @@ _REEXPORTS = {
     "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
     "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
+    "RetrievalAugmentedDiffusion": "ldm.models.diffusion.retrieval",
 }
 
 

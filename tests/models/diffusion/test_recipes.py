@@ -211,7 +211,7 @@ def test_flow_network_sees_t_times_1000_and_learns_the_velocity():
 @pytest.mark.slow
 def test_flow_matching_latent_diffusion_trains_on_shapes():
     """A flow-matching LatentDiffusion (FlowSchedule, velocity target, logit-normal t) on the built-in shapes."""
-    import lightning.pytorch as pl
+    import pytorch_lightning as pl
 
     from ldm.data.shapes import ShapesTrain
 
