@@ -124,3 +124,19 @@ def test_demo_pipeline_trains_samples_and_scores(tmp_path):
     project = OmegaConf.load(next((ldm_run / "configs").glob("*-project.yaml")))
     ae_ckpt = project.model.params.first_stage_config.params.ckpt_path
     assert Path(ae_ckpt).is_file() and "shapes-ae" in ae_ckpt
+
+
+def test_benchmark_demo_overrides_keep_lists_and_the_table_has_a_ratio_per_case(at_repo_root):
+    spec = importlib.util.spec_from_file_location("benchmark_demo", REPO / "scripts" / "benchmark_demo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    unet = "model.params.unet_config.params"
+    config = bench.load_case(f"{DEMO_LDM}@{unet}.attention_resolutions=[1,2],data.params.batch_size=4")
+    assert list(config.model.params.unet_config.params.attention_resolutions) == [1, 2]
+    assert config.data.params.batch_size == 4
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_demo.py"), "--steps", "1", "--warmup", "0",
+                             f"{DEMO_AE}@data.params.batch_size=2", f"{DEMO_LDM}@data.params.batch_size=2"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().endswith("batch_size=2")]
+    assert len(rows) == 2 and rows[0][1] == "1.00" and float(rows[1][1]) > 0
