@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import add_residual, norm_silu
+
 logger = logging.getLogger(__name__)
 
 ATTN_TYPES = ("vanilla", "linear", "none")
@@ -116,15 +118,15 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """Residual update of `x`; `temb` (N, temb_channels) adds a per-channel bias when given."""
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         if temb is not None:
             if not hasattr(self, "temb_proj"):
                 raise ValueError("ResnetBlock was built with temb_channels=0 but was given a timestep embedding")
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return add_residual(x, h)
 
 
 class AttnBlock(nn.Module):
@@ -149,7 +151,7 @@ class AttnBlock(nn.Module):
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
         out = out.transpose(2, 3).reshape(b, c, height, width)
-        return x + self.proj_out(out)
+        return add_residual(x, self.proj_out(out))
 
 
 class LinAttnBlock(nn.Module):
@@ -298,7 +300,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -362,5 +364,5 @@ class Decoder(nn.Module):
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(norm_silu(self.norm_out, h))
         return torch.tanh(h) if self.tanh_out else h
