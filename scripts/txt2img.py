@@ -47,6 +47,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     prompts = inf.read_prompt_flags(args)
     model, _, ckpt = inf.load_from_args(args)
     inf.check_latent_flags(args, model)
+    factor = inf.first_stage_factor(model)
+    batches = 1 if len(prompts) == 1 else -(-len(prompts) // args.n_samples)
+    inf.compile_by_default(args, model, (args.H // factor) * (args.W // factor), args.steps * args.n_iter * batches)
     job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta, height=args.H,
                   width=args.W, precision=args.precision)
     inf.seed_everything(args.seed)

@@ -117,6 +117,19 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
     return callbacks
 
 
+SPEED_KEYS = ("compile", "channels_last")
+
+
+def speed_options(lightning_config: DictConfig, flags: dict[str, Any]) -> dict[str, bool]:
+    """The speed switches of a run (`ldm.acceleration.accelerate`): `lightning.speed.{compile,channels_last}` with
+    main.py's --compile / --channels_last over them (None: not given). Both default to off."""
+    speed = lightning_config.get("speed") or {}
+    unknown = set(speed) - set(SPEED_KEYS)
+    if unknown:
+        raise UsageError(f"lightning.speed.{sorted(unknown)[0]} is unknown; expected {', '.join(SPEED_KEYS)}")
+    return {key: bool(flags[key] if flags.get(key) is not None else speed.get(key, False)) for key in SPEED_KEYS}
+
+
 def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: RunDir, model: Any,
                   config: DictConfig, emergency: EmergencyCheckpoint, project: str | None = None) -> pl.Trainer:
     """The Trainer for this run, with atomic checkpoint writes (DeepSpeed writes its own checkpoints)."""

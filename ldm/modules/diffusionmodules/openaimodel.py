@@ -510,6 +510,8 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(dtype))
         hs = []
         h = x.type(dtype)
+        if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) and h.ndim == 4:
+            h = h.contiguous(memory_format=torch.channels_last)  # ldm.acceleration.to_channels_last
         for module in self.input_blocks:
             h = module(h, emb, context)
             hs.append(h)
