@@ -210,6 +210,8 @@ def main_loop(args: argparse.Namespace, overrides: list[str], workdir: Path) -> 
     if done.returncode != 0:
         raise RuntimeError(f"main.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
     record = json.loads(timer.read_text())
+    print(f"  main.py first step (compiling, if --compile): {record['times'][0] - record['start']:.1f} s",
+          file=sys.stderr, flush=True)
     return rates(record["times"], record["cpu_times"], args.skip)
 
 

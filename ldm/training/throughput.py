@@ -32,8 +32,12 @@ class StepTimer(Callback):
 
     def __init__(self, path: str | None = None, skip: int = 5) -> None:
         self.path, self.skip = path, skip
+        self.start: float | None = None
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -47,4 +51,4 @@ class StepTimer(Callback):
                         steps_per_second(self.times, self.skip), self.skip)
         if self.path:
             with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-                json.dump({"times": self.times, "cpu_times": self.cpu_times, "skip": self.skip}, f)
+                json.dump({"start": self.start, "times": self.times, "cpu_times": self.cpu_times, "skip": self.skip}, f)
