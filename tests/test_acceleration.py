@@ -89,3 +89,12 @@ def test_speed_options_flags_over_config():
     assert speed_options(OmegaConf.create({}), {}) == {"compile": False, "channels_last": False}
     with pytest.raises(UsageError, match="lightning.speed.compil"):
         speed_options(OmegaConf.create({"speed": {"compil": True}}), {})
+
+
+def test_main_py_speed_flags():
+    import main
+
+    opt, _ = main.get_parser().parse_known_args(["--compile", "--no-channels_last"])
+    assert (opt.compile, opt.channels_last) == (True, False)
+    opt, _ = main.get_parser().parse_known_args([])
+    assert (opt.compile, opt.channels_last) == (None, None)  # lightning.speed decides
