@@ -24,9 +24,9 @@ def test_dry_run_eager_runs_every_workload(bench, capsys):
 @pytest.mark.slow
 def test_dry_run_compiled_variants(bench, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    rows = bench.main(["--dry-run", "--variants", "compile", "compile+cudagraphs", "--workloads", "vae-decode",
-                       "train-256"])
-    assert [r["variant"] for r in rows] == ["compile", "compile+cudagraphs"] * 2
+    # the smallest graph (the tiny decoder's forward): compiling the training step on CPU takes many minutes
+    rows = bench.main(["--dry-run", "--variants", "compile", "compile+cudagraphs", "--workloads", "vae-decode"])
+    assert [r["variant"] for r in rows] == ["compile", "compile+cudagraphs"]
 
 
 def test_flop_count_of_a_matmul_and_mfu(bench):
