@@ -149,8 +149,10 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
     if "bf16" in str(trainer.precision):
         warn_if_emulated_bf16(trainer.strategy.root_device)
     if opt.train:
-        model.learning_rate, rule = learning_rate(config, trainer.accumulate_grad_batches, trainer.num_devices,
-                                                  trainer.num_nodes, opt.scale_lr)
+        accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
+            else trainer.accumulate_grad_batches
+        model.learning_rate, rule = learning_rate(config, accumulate, trainer.num_devices, trainer.num_nodes,
+                                                  opt.scale_lr)
         logger.info(rule)
     return run, model, data, trainer, emergency
 

@@ -34,7 +34,6 @@ from ldm.util import atomic_path, load_model_from_config
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLERS = ("ddim", "plms", "dpm")
 PRECISIONS = ("autocast", "full", "bf16")
 
 
@@ -58,6 +57,15 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         sys.stderr.write(f"error: {message}\n")
         return 2
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    """`SAMPLERS`: the names of the sampler registry (ldm.sampling.SAMPLERS) as a tuple, read when asked for."""
+    if name == "SAMPLERS":
+        from ldm.sampling import SAMPLERS as REGISTRY
+
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def configure_logging() -> None:
@@ -134,11 +142,54 @@ def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: 
     add("--skip_save", action="store_true", help="do not write the individual samples")
 
 
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """--sampler NAME (any of ldm.sampling.SAMPLERS), --plms and --dpm/--dpm_solver (the original flags, aliases),
+    --schedule (the noise-level spacing), --eta and --guidance_rescale."""
+    from ldm.sampling import ALIASES, SAMPLERS as REGISTRY
+    from ldm.sampling.schedule import SPACINGS
+
+    add = parser.add_argument
+    add("--sampler", default=None, choices=(*REGISTRY, *ALIASES), metavar="NAME",
+        help=f"the sampler: {', '.join(REGISTRY)} (default: ddim; see the README's Samplers table)")
+    add("--plms", action="store_true", help="PLMS sampling (--sampler plms)")
+    add("--dpm", "--dpm_solver", dest="dpm", action="store_true",
+        help="DPM-Solver++(2M) with the timesteps of the original --dpm (the DPMSolverSampler class)")
+    add("--schedule", dest="spacing", choices=SPACINGS, default=None,
+        help="noise-level spacing (default: the sampler's): karras, exponential, trailing, ...")
+    add("--eta", type=float, default=None,
+        help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
+    add("--guidance_rescale", type=float, default=0.0,
+        help="rescale classifier-free guidance towards the conditional std (Lin et al. 2023; 0: off, 0.7 typical)")
+
+
 def sampler_name(args: argparse.Namespace) -> str:
-    """ddim, plms or dpm from the flags."""
-    if args.plms and args.dpm:
+    """The sampler the flags ask for: --sampler, --plms ("plms") or --dpm ("dpm"), default ddim."""
+    chosen = [name for name, flag in (("plms", getattr(args, "plms", False)), ("dpm", getattr(args, "dpm", False)))
+              if flag]
+    if len(chosen) > 1:
         raise ScriptError("--plms and --dpm exclude each other")
-    return "plms" if args.plms else "dpm" if args.dpm else "ddim"
+    if getattr(args, "sampler", None) and chosen:
+        raise ScriptError(f"--sampler {args.sampler} and --{chosen[0]} exclude each other")
+    return getattr(args, "sampler", None) or (chosen[0] if chosen else "ddim")
+
+
+def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
+    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
+    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+
+
+def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
+    """`eta` when given, else `ddim_eta` for ddim (or for any sampler when it is not 0), else None (the sampler's own
+    default: 1 for the ancestral samplers). The scripts' --eta / --ddim_eta and the web UI's eta follow this rule."""
+    if eta is not None:
+        return eta
+    return ddim_eta if name == "ddim" or ddim_eta else None
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """make_sampler's options from the flags (the spacing of --schedule)."""
+    spacing = getattr(args, "spacing", None)
+    return {"spacing": spacing} if spacing else {}
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -358,27 +409,36 @@ def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple
 
 
 # ----------------------------------------------------------------------------------------- samplers
-def make_sampler(name: str, model: Any) -> Any:
-    """DDIMSampler, PLMSSampler or DPMSolverSampler for `model`."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-    from ldm.models.diffusion.plms import PLMSSampler
+def make_sampler(name: str, model: Any, **options: Any) -> Any:
+    """The sampler object of a registered name (or alias: "dpm"): DDIMSampler, PLMSSampler, DPMSolverSampler or
+    ldm.models.diffusion.sampler.Sampler; `options` (spacing, final, sampler options) go to its constructor."""
+    from ldm.models.diffusion.sampler import make_sampler as build
 
-    return {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}[name](model)
-
-
-def check_steps(sampler_name: str, steps: int, eta: float, model: Any) -> None:
-    """Steps and eta the sampler accepts, checked before anything runs."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-
-    if sampler_name == "plms" and eta != 0:
-        raise ScriptError(f"--ddim_eta {eta}: PLMS is deterministic and needs eta 0")
-    if sampler_name == "dpm":
-        if not 1 <= steps <= model.num_timesteps:
-            raise ScriptError(f"--steps {steps} must lie in [1, {model.num_timesteps}]")
-        return
     try:
-        DDIMSampler(model).make_schedule(steps, ddim_eta=eta, verbose=False)
+        return build(name, model, **options)
+    except ValueError as err:
+        raise ScriptError(f"--sampler {name}: {err}") from err
+
+
+def check_steps(sampler_name: str, steps: int, eta: float | None, model: Any, **options: Any) -> None:
+    """Steps and eta the sampler accepts, checked before anything runs (`options` as for make_sampler)."""
+    import inspect
+
+    from ldm.sampling import sampler_spec
+
+    try:
+        spec = sampler_spec(sampler_name)
+    except ValueError as err:
+        raise ScriptError(f"--sampler: {err}") from err
+    if eta and "eta" not in inspect.signature(spec.fn).parameters:
+        if sampler_name == "plms":
+            raise ScriptError(f"--ddim_eta {eta}: PLMS is deterministic and needs eta 0")
+        raise ScriptError(f"--eta {eta}: sampler '{sampler_name}' draws no noise; eta applies to ddim and the "
+                          "ancestral samplers")
+    sampler = make_sampler(sampler_name, model, **options)
+    try:
+        sampler.prepare(steps, eta or 0.0, False)
+        sampler.make_sigmas(steps)
     except ValueError as err:
         raise ScriptError(f"--steps {steps}: {err}") from err
 

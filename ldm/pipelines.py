@@ -94,12 +94,20 @@ class Task:
 # ----------------------------------------------------------------------------------------- txt2img
 @dataclass
 class Txt2Img(Task):
-    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler under classifier-free
-    guidance, then decoded (scripts/txt2img.py)."""
+    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler (any name of
+    `ldm.inference.SAMPLERS`, or the alias "dpm") under classifier-free guidance, then decoded (scripts/txt2img.py).
 
+    `eta` None is the sampler's own (0 for ddim, the original --ddim_eta default; 1 for the ancestral samplers);
+    `spacing` (--schedule) picks the noise-level spacing (default: the sampler's); `guidance_rescale` blends the
+    guided output towards the conditional one's standard deviation (Lin et al. 2023, eq. 15-16; 0: off).
+    """
+
+    eta: float | None = None
     sampler: str = "ddim"
     height: int = 512
     width: int = 512
+    spacing: str | None = None
+    guidance_rescale: float = 0.0
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -115,21 +123,25 @@ class Txt2Img(Task):
             raise inf.ScriptError(f"the model of '{self.ckpt}' reads {unet_in_channels(model) - model.channels} "
                                   "concatenated conditioning channels (an inpainting or upscaling model); use "
                                   "scripts/inpaint.py or scripts/superres.py")
+        self.eta = inf.resolve_eta(self.sampler, self.eta)
         factor = inf.first_stage_factor(model)
         inf.check_size(self.height, self.width, inf.image_multiple(model))
-        inf.check_steps(self.sampler, self.steps, self.eta, model)
+        options = {"spacing": self.spacing} if self.spacing else {}
+        inf.check_steps(self.sampler, self.steps, self.eta, model, **options)
         self.shape = (model.channels, self.height // factor, self.width // factor)
-        self._sampler = inf.make_sampler(self.sampler, model)
+        self._sampler = inf.make_sampler(self.sampler, model, **options)
         self.common = inf.sample_metadata(
-            sampler=self.sampler, steps=self.steps, scale=self.scale, negative_prompt=self.negative_prompt or None,
-            eta=self.eta if self.sampler == "ddim" else None, checkpoint=self.label, H=self.height, W=self.width)
+            sampler=self.sampler, schedule=self.spacing, steps=self.steps, scale=self.scale,
+            negative_prompt=self.negative_prompt or None, eta=self.eta, guidance_rescale=self.guidance_rescale or None,
+            checkpoint=self.label, H=self.height, W=self.width)
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], progress: Progress | None = None) -> Samples:
         """One image per prompt, prompt i drawn with seeds[i]."""
         with self.context():
             c, uc = self.conditioning(prompts)
             z = inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, self.shape, seeds,
-                                   callback=step_callback(progress, self.steps))
+                                   callback=step_callback(progress, self.steps),
+                                   guidance_rescale=self.guidance_rescale)
             images = _decoded(self.model, z)
         return Samples(images, [inf.sample_metadata(prompt=p, seed=s, **self.common) for p, s in zip(prompts, seeds)])
 

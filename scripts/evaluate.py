@@ -61,7 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
     add("--sampler", default="ddim", help=f"sampler name, one of {', '.join(sorted(inf.SAMPLERS))}")
     add("--steps", type=int, default=50, help="sampling steps")
     add("--scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    add("--eta", type=float, default=0.0, help="DDIM eta")
+    add("--eta", type=float, default=None, help="eta of ddim and the ancestral samplers (default: 0 for ddim, the "
+                                                "sampler's own otherwise)")
     add("--seed", type=int, default=0, help="sample i uses seed + i")
     add("--batch-size", type=int, default=16, help="samples per sampling batch")
     add("--feature-batch-size", type=int, default=64, help="images per Inception batch (torch-fidelity's default)")

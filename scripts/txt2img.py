@@ -4,9 +4,9 @@
     python scripts/txt2img.py -r logs/<run> --prompt "..." --H 16 --W 16 --ddim_steps 50   # a main.py run
 
 Writes <outdir>/samples/NNNNN.png (numbered after the files already there) and <outdir>/grid-NNNN.png, each with
-PNG text metadata (prompt, seed, sampler, steps, scale, eta, checkpoint). Sample k of iteration n uses the seed
-`--seed + n * n_samples + k` (with --fixed_code: `--seed + k`, the same start codes every iteration): its
-metadata seed regenerates it alone, whatever the batch.
+PNG text metadata (prompt, seed, sampler, schedule, steps, scale, eta, guidance_rescale, checkpoint; those not set
+are left out). Sample k of iteration n uses the seed `--seed + n * n_samples + k` (with --fixed_code: `--seed + k`,
+the same start codes every iteration): its metadata seed regenerates it alone, whatever the batch.
 """
 from __future__ import annotations
 
@@ -27,12 +27,11 @@ DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The flags of the original txt2img.py (plus -r/--resume, --dpm, --device, --ema)."""
+    """The flags of the original txt2img.py (plus -r/--resume, --sampler and its options, --device, --ema)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     inf.add_prompt_flags(parser, outdir="outputs/txt2img-samples")
+    inf.add_sampler_flags(parser)
     add = parser.add_argument
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
     add("--H", type=int, default=512, help="image height in pixels")
     add("--W", type=int, default=512, help="image width in pixels")
     inf.add_sampling_flags(parser, n_iter=3, n_samples=3, scale=7.5)
@@ -63,8 +62,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     factor = inf.first_stage_factor(model)
     batches = 1 if len(prompts) == 1 else -(-len(prompts) // args.n_samples)
     inf.compile_by_default(args, model, (args.H // factor) * (args.W // factor), args.steps * args.n_iter * batches)
-    job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta, height=args.H,
-                  width=args.W, precision=args.precision)
+    job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
+                  spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H, width=args.W,
+                  precision=args.precision)
     inf.seed_everything(args.seed)
     written = inf.sample_prompts(args, prompts, job)
     print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ldm import inference as inf
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.sampler import Sampler
 from ldm.pipelines import Img2Img, Inpaint, SuperRes, Txt2Img, inpaint_input
 from ldm.util import instantiate_from_config
 
@@ -109,6 +110,30 @@ def test_the_negative_prompt_is_the_unconditional_side_of_guidance(models):
     assert samples.metadata[0]["negative_prompt"] == negative
     plain = Txt2Img(model, "x.ckpt", steps=4, scale=3.0, height=16, width=16)([PROMPT], [3])
     assert "negative_prompt" not in plain.metadata[0] and not torch.equal(plain.images, samples.images)
+
+
+def test_txt2img_runs_a_registered_sampler_with_its_schedule_and_guidance_rescale(models):
+    model = models("text")
+    options = dict(steps=4, scale=3.0, height=16, width=16)
+    job = Txt2Img(model, "x.ckpt", sampler="dpmpp_2m", spacing="exponential", guidance_rescale=0.7, **options)
+    samples = job([PROMPT], [3])
+    with torch.no_grad():  # the same sampling by hand, through the registry's sampler object
+        c, uc = inf.text_conditioning(model, [PROMPT], 3.0)
+        z, _ = Sampler(model, "dpmpp_2m", spacing="exponential").sample(
+            4, 1, [4, 4, 4], c, unconditional_guidance_scale=3.0, unconditional_conditioning=uc, seeds=[3],
+            guidance_rescale=0.7, verbose=False)
+        expected = model.decode_first_stage(z).clamp(-1, 1)
+    assert torch.equal(samples.images, expected)
+    assert samples.metadata[0] == {"prompt": PROMPT, "seed": 3, "sampler": "dpmpp_2m", "schedule": "exponential",
+                                   "steps": 4, "scale": 3.0, "guidance_rescale": 0.7, "checkpoint": "x.ckpt",
+                                   "H": 16, "W": 16}
+    unrescaled = Txt2Img(model, "x.ckpt", sampler="dpmpp_2m", spacing="exponential", **options)([PROMPT], [3])
+    assert not torch.equal(unrescaled.images, samples.images)
+    # eta None is the sampler's own: 0 for ddim (the original --ddim_eta default), 1 inside the ancestral samplers
+    assert Txt2Img(model, "x.ckpt", **options).eta == 0.0
+    assert Txt2Img(model, "x.ckpt", sampler="euler_ancestral", **options).eta is None
+    with pytest.raises(inf.ScriptError, match="--eta 0.5: sampler 'euler' draws no noise"):
+        Txt2Img(model, "x.ckpt", sampler="euler", eta=0.5, **options)
 
 
 def test_img2img_crops_to_the_downsampling_factor(models):

@@ -37,18 +37,25 @@ def is_autoencoder(model: Any) -> bool:
 
 @dataclass
 class SamplingSpec:
-    """How samples are drawn: sampler name (one of `ldm.inference.SAMPLERS`), steps, guidance scale and eta."""
+    """How samples are drawn: sampler name (one of `ldm.inference.SAMPLERS`), steps, guidance scale and eta (None:
+    the sampler's own, 0 for ddim; as txt2img.py's, `ldm.inference.resolve_eta`)."""
 
     sampler: str = "ddim"
     steps: int = 50
     scale: float = 1.0
-    eta: float = 0.0
+    eta: float | None = None
+
+    def __post_init__(self) -> None:
+        from ldm.inference import resolve_eta
+
+        self.eta = resolve_eta(self.sampler, self.eta)
 
     def check_name(self, where: str = "--sampler") -> None:
-        """The sampler must be one the sampling helpers know."""
+        """The sampler must be one the sampling helpers know (a registered name or an alias such as "dpm")."""
         from ldm.inference import SAMPLERS
+        from ldm.sampling import ALIASES
 
-        if self.sampler not in SAMPLERS:
+        if self.sampler not in SAMPLERS and self.sampler not in ALIASES:
             raise EvaluationError(f"{where}: unknown sampler '{self.sampler}'; expected one of {sorted(SAMPLERS)}")
 
     def check(self, model: Any, where: str = "--sampler") -> None:

@@ -229,7 +229,11 @@ def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None
 
 
 def drop_manual_optimization_options(options: dict[str, Any], model: Any) -> list[str]:
-    """Remove the Trainer options Lightning rejects for a manually optimising module, with a warning each."""
+    """Remove the Trainer options Lightning rejects for a manually optimising module, with a warning each.
+
+    A module that accumulates gradients itself (an `accumulate_grad_batches` attribute, as the autoencoders) is
+    handed accumulate_grad_batches instead of losing it.
+    """
     if getattr(model, "automatic_optimization", True):
         return []
     dropped = []
@@ -238,6 +242,10 @@ def drop_manual_optimization_options(options: dict[str, Any], model: Any) -> lis
             continue
         value = options.pop(key)
         dropped.append(key)
+        if key == "accumulate_grad_batches" and hasattr(model, key):
+            setattr(model, key, 1 if value is None else value)
+            logger.info("%s accumulates gradients over %s batches itself", type(model).__name__, value)
+            continue
         harmless = (None, 1) if key == "accumulate_grad_batches" else (None, 0)
         if key != "gradient_clip_algorithm" and value not in harmless:
             logger.warning("ignoring lightning.trainer.%s=%s: %s optimises manually (automatic_optimization=False), "

@@ -59,7 +59,8 @@ class EvaluationCallback(Callback):
     """
 
     def __init__(self, every_n_steps: int = 1000, n_samples: int = 1000, sampler: str = "ddim", steps: int = 50,
-                 scale: float = 1.0, eta: float = 0.0, metrics: Sequence[str] | None = None, batch_size: int = 16,
+                 scale: float = 1.0, eta: float | None = None, metrics: Sequence[str] | None = None,
+                 batch_size: int = 16,
                  seed: int = 0, log_floor: bool = True, inception_weights: str | None = None,
                  lpips_vgg_weights: str | None = None, clip_model: str | None = None, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, feature_layer: str = "2048", prefix: str = "val",
@@ -71,7 +72,7 @@ class EvaluationCallback(Callback):
         if int(n_samples) < 2:
             raise EvaluationError(f"{WHERE} n_samples must be at least 2, got {n_samples}")
         self.every_n_steps, self.n_samples, self.batch_size = int(every_n_steps), int(n_samples), int(batch_size)
-        self.spec = SamplingSpec(str(sampler), int(steps), float(scale), float(eta))
+        self.spec = SamplingSpec(str(sampler), int(steps), float(scale), None if eta is None else float(eta))
         self.spec.check_name(f"{WHERE} sampler")
         self.metrics = None if metrics is None else parse_metrics(list(metrics), f"{WHERE} metrics")
         self.seed, self.log_floor, self.prefix, self.progress = int(seed), bool(log_floor), prefix, progress

@@ -22,7 +22,7 @@ from ldm.webui.tabs import CONCURRENCY_ID, TABS, Tab, TabParts  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-CAPTION_KEYS = ("seed", "sampler", "steps", "scale", "strength", "noise_level", "mode")
+CAPTION_KEYS = ("seed", "sampler", "schedule", "steps", "scale", "guidance_rescale", "strength", "noise_level", "mode")
 
 
 def one_line(err: BaseException) -> str:

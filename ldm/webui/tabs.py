@@ -16,11 +16,13 @@ from PIL import Image, ImageChops, UnidentifiedImageError
 
 from ldm import inference as inf
 from ldm.pipelines import Img2Img, Inpaint, Progress, Samples, SuperRes, Txt2Img, inpaint_input
+from ldm.sampling.schedule import SPACINGS
 
 if TYPE_CHECKING:
     from ldm.webui.app import WebUI
     from ldm.webui.models import Loaded
 
+DEFAULT_SPACING = "default"  # the schedule choice that leaves the sampler its own spacing (no --schedule)
 CONCURRENCY_ID = "model"  # every event that touches the model: one at a time, the others wait in gradio's queue
 MAX_BATCH = 8
 
@@ -112,13 +114,14 @@ def prompt_inputs(name: str, required: bool) -> tuple[gr.Textbox, gr.Textbox]:
     return prompt, negative
 
 
-def sampling_inputs(name: str, scale: float, batch_label: str = "Batch size (--n_samples)") -> list:
-    """Steps, guidance scale, DDIM eta, seed and how many images."""
+def sampling_inputs(name: str, scale: float, batch_label: str = "Batch size (--n_samples)",
+                    eta_label: str = "DDIM eta (--ddim_eta)") -> list:
+    """Steps, guidance scale, eta, seed and how many images."""
     with gr.Row():
         steps = gr.Slider(1, 500, value=50, step=1, label="Steps (--steps)", elem_id=f"{name}-steps")
         scale_box = gr.Slider(1.0, 20.0, value=scale, step=0.5, label="Guidance scale (--scale)")
     with gr.Row():
-        eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM eta (--ddim_eta)")
+        eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label=eta_label, elem_id=f"{name}-eta")
         seed = gr.Number(value=42, precision=0, label="Seed (--seed; -1: a random one)", elem_id=f"{name}-seed")
         batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label=batch_label, elem_id=f"{name}-batch")
     return [steps, scale_box, eta, seed, batch]
@@ -163,34 +166,51 @@ def as_int(value: Any) -> int:
 
 
 # ----------------------------------------------------------------------------------------- txt2img
+def sampler_inputs(name: str) -> tuple[gr.Dropdown, gr.Dropdown, gr.Slider]:
+    """The sampler (every name of the registry, `ldm.inference.SAMPLERS`), its noise-level spacing and the
+    guidance rescale."""
+    sampler = gr.Dropdown(list(inf.SAMPLERS), value=inf.SAMPLERS[0], label="Sampler (--sampler)",
+                          elem_id=f"{name}-sampler")
+    with gr.Row():
+        spacing = gr.Dropdown([DEFAULT_SPACING, *SPACINGS], value=DEFAULT_SPACING, label="Schedule (--schedule)",
+                              elem_id=f"{name}-schedule")
+        rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale (--guidance_rescale; 0: off)",
+                            elem_id=f"{name}-guidance-rescale")
+    return sampler, spacing, rescale
+
+
 def build_txt2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
-    """Prompt, negative prompt, sampler, steps, scale, eta, size, seed, batch."""
+    """Prompt, negative prompt, sampler, schedule, guidance rescale, steps, scale, eta, size, seed, batch."""
     with gr.Row():
         with gr.Column(scale=1):
             prompt, negative = prompt_inputs(tab.name, required=True)
-            sampler = gr.Dropdown(list(inf.SAMPLERS), value=inf.SAMPLERS[0], label="Sampler (--plms, --dpm)",
-                                  elem_id=f"{tab.name}-sampler")
+            sampler, spacing, rescale = sampler_inputs(tab.name)
             with gr.Row():
                 height = gr.Number(value=512, precision=0, label="Height (--H)", elem_id=f"{tab.name}-height")
                 width = gr.Number(value=512, precision=0, label="Width (--W)", elem_id=f"{tab.name}-width")
-            steps, scale, eta, seed, batch = sampling_inputs(tab.name, scale=7.5)
+            steps, scale, eta, seed, batch = sampling_inputs(
+                tab.name, scale=7.5, eta_label="Eta (--ddim_eta; 0 leaves an ancestral sampler its own, 1)")
         out = output_column(tab.name)
 
     def txt2img(prompt: str, negative: str, sampler: str, steps: float, scale: float, eta: float, height: float,
-                width: float, seed: float, batch: float, history: list, request: gr.Request,
-                progress: gr.Progress = gr.Progress()) -> tuple:
+                width: float, seed: float, batch: float, spacing: str | None, rescale: float, history: list,
+                request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
         def body(loaded: Loaded, report: Progress) -> list[Samples]:
             inf.check_prompt(prompt, alternative="")
             first = pick_seed(seed)
+            options = settings(ui, steps, scale, eta, negative)
+            options["eta"] = inf.resolve_eta(sampler, None, options["eta"])  # as txt2img.py's --ddim_eta
             job = Txt2Img(loaded.model, loaded.ckpt, sampler=sampler, height=as_int(height), width=as_int(width),
-                          **settings(ui, steps, scale, eta, negative))
+                          spacing=None if spacing in (None, "", DEFAULT_SPACING) else spacing,
+                          guidance_rescale=float(rescale or 0.0), **options)
             inf.seed_everything(first)
             return [job([prompt] * int(batch), inf.sample_seeds(first, int(batch)), report)]
 
         return ui.run(tab, request, progress, history, body)
 
-    wire(ui, tab, txt2img, [prompt, negative, sampler, steps, scale, eta, height, width, seed, batch], out, history,
-         history_gallery)
+    # spacing and rescale come last so that API calls written before they existed keep their positions
+    wire(ui, tab, txt2img, [prompt, negative, sampler, steps, scale, eta, height, width, seed, batch, spacing,
+                            rescale], out, history, history_gallery)
     return TabParts({height: native_size, width: native_size})
 
 

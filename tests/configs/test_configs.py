@@ -199,8 +199,10 @@ def ae_attn(p: str, c: int) -> dict:
     return keys
 
 
-def ae_mid(p: str, c: int) -> dict:
-    return {**ae_resblock(f"{p}.block_1", c, c), **ae_attn(f"{p}.attn_1", c), **ae_resblock(f"{p}.block_2", c, c)}
+def ae_mid(p: str, c: int, attention: bool = True) -> dict:
+    """Middle block; `attn_type: none` (vq-f4-noattn) makes its attention an identity without weights."""
+    attn = ae_attn(f"{p}.attn_1", c) if attention else {}
+    return {**ae_resblock(f"{p}.block_1", c, c), **attn, **ae_resblock(f"{p}.block_2", c, c)}
 
 
 def expected_first_stage(params, vq: bool) -> dict[str, tuple[int, ...]]:
@@ -219,9 +221,11 @@ def expected_first_stage(params, vq: bool) -> dict[str, tuple[int, ...]]:
             keys |= _conv(f"encoder.down.{level}.downsample.conv", c, c, 3)
             res //= 2
     z_out = 2 * z if dd.double_z else z
-    keys |= {**ae_mid("encoder.mid", c), **_norm("encoder.norm_out", c), **_conv("encoder.conv_out", c, z_out, 3)}
+    attention = dd.get("attn_type", "vanilla") != "none"
+    keys |= {**ae_mid("encoder.mid", c, attention), **_norm("encoder.norm_out", c),
+             **_conv("encoder.conv_out", c, z_out, 3)}
 
-    keys |= {**_conv("decoder.conv_in", z, c, 3), **ae_mid("decoder.mid", c)}
+    keys |= {**_conv("decoder.conv_in", z, c, 3), **ae_mid("decoder.mid", c, attention)}
     for level in reversed(range(len(mults))):
         for b in range(nrb + 1):
             keys |= ae_resblock(f"decoder.up.{level}.block.{b}", c, ch * mults[level])

@@ -127,6 +127,23 @@ def test_txt2img_equals_the_script_for_every_sampler(served, client, scripts, tm
     assert history[0]["caption"].startswith("seed 7 · sampler " + inf.SAMPLERS[-1])
 
 
+def test_txt2img_schedule_guidance_rescale_and_eta_equal_the_script(served, client, scripts, tmp_path):
+    use(client, served, "text")
+    gallery, metadata, _, _ = client.predict(PROMPT, "", "euler_ancestral", 4, 3.0, 0.5, 16, 16, 3, 1, "exponential",
+                                             0.7, api_name="/txt2img")
+    argv = ["-r", served.runs["text"].logdir, "--prompt", PROMPT, "--H", "16", "--W", "16", "--steps", "4", "--scale",
+            "3.0", "--seed", "3", "--n_samples", "1", "--n_iter", "1", "--outdir", tmp_path, "--device", "cpu",
+            "--sampler", "euler_ancestral", "--schedule", "exponential", "--guidance_rescale", "0.7", "--ddim_eta", "0.5"]
+    assert scripts("txt2img").main([str(a) for a in argv]) == 0
+    assert_same_results(gallery, [tmp_path / "samples" / "00000.png"])
+    assert {k: metadata[0][k] for k in ("sampler", "schedule", "guidance_rescale", "eta")} == {
+        "sampler": "euler_ancestral", "schedule": "exponential", "guidance_rescale": 0.7, "eta": 0.5}
+    assert gallery[0]["caption"].startswith("seed 3 · sampler euler_ancestral · schedule exponential · steps 4 · "
+                                            "scale 3.0 · guidance_rescale 0.7")
+    plain = client.predict(PROMPT, "", "euler_ancestral", 4, 3.0, 0.0, 16, 16, 3, 1, api_name="/txt2img")[1][0]
+    assert "eta" not in plain and "schedule" not in plain and "guidance_rescale" not in plain  # the sampler's own
+
+
 def test_img2img_equals_the_script(served, client, scripts, tmp_path):
     use(client, served, "text")
     odd = tmp_path / "in" / "odd.png"  # cropped to 16x16 by both

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the original ddpm name
     CONDITIONING_KEYS,
@@ -28,10 +27,13 @@ from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the 
     check_conditioning_key,
     to_roles,
 )
-from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
+from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
+from ldm.sampling.denoiser import ModelFn, X0Fn, x0_hook
 from ldm.sampling.parameterization import to_prediction
-from ldm.sampling.samplers import ddpm_ancestral
+from ldm.sampling.samplers.ddpm import ddpm
+from ldm.sampling.schedule import build_schedule
 from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
+    ConfigError,
     count_params,
     default,
     disabled_train,
@@ -87,6 +89,7 @@ class DDPM(pl.LightningModule):
         ucg_training: Any = None,
         reset_ema: bool = False,
         reset_num_ema_updates: bool = False,
+        process_config: Any = None,
     ):
         super().__init__()
         self.parameterization = check_parameterization(parameterization)
@@ -103,7 +106,8 @@ class DDPM(pl.LightningModule):
         self.l_simple_weight = l_simple_weight
         self.loss_type = loss_type
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                               process_config=process_config)
         self._init_logvar(learn_logvar, logvar_init)
         self.ucg_training = dict(ucg_training or {})
         self.ucg_prng = np.random.RandomState()
@@ -112,6 +116,10 @@ class DDPM(pl.LightningModule):
     def _set_data_options(self, first_stage_key: str, image_size: int, channels: int, log_every_t: int,
                           clip_denoised: bool, use_positional_encodings: bool) -> None:
         """What the model reads from a batch and produces, and how often sampling rows are logged."""
+        if use_positional_encodings:
+            raise ConfigError("model.params.use_positional_encodings: true is not supported (the original stored it "
+                              "and, in LatentDiffusion.get_input, called a compute_latent_shifts it never defined); "
+                              "leave it false")
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
@@ -161,28 +169,36 @@ class DDPM(pl.LightningModule):
 
     # ------------------------------------------------------------------ schedule
     def register_schedule(self, given_betas: Any = None, beta_schedule: str = "linear", timesteps: int = 1000,
-                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
-        """Build the NoiseSchedule and register its tensors under the original buffer names."""
-        self.schedule = NoiseSchedule.from_config(
-            beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, v_posterior=self.v_posterior
-        )
+                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
+                          process_config: Any = None) -> None:
+        """Build the model's one schedule (`process_config`, default the discrete VP schedule of the beta
+        parameters) and register its tensors under the original buffer names, which checkpoints hold."""
+        self.schedule = build_schedule(process_config, beta_schedule=beta_schedule, timesteps=timesteps,
+                                       linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                                       given_betas=given_betas, v_posterior=self.v_posterior)
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
         for name, value in buffers.items():
             self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+
+    def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
+        parameterizations (and processes) the original had no VLB weight for."""
+        if not buffers or self.parameterization not in ("eps", "x0"):
+            return torch.ones(self.num_timesteps)
         betas, alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
-        # VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them
         if self.parameterization == "eps":
             lvlb = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - alphas_cumprod))
-        elif self.parameterization == "x0":
-            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         else:
-            lvlb = torch.ones_like(betas)
+            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         lvlb[0] = lvlb[1]
-        self.register_buffer("lvlb_weights", lvlb, persistent=False)
-        if torch.isnan(self.lvlb_weights).any():
-            raise ValueError("the noise schedule gives NaN VLB weights")
+        if not torch.isfinite(lvlb[-1]):  # zero terminal SNR: beta_T = 1, the weight's (1 - beta) vanishes
+            lvlb[-1] = lvlb[-2]
+        if not torch.isfinite(lvlb).all():
+            raise ValueError("the noise schedule gives non-finite VLB weights")
+        return lvlb
 
     # ------------------------------------------------------------------ checkpoints and EMA
     @contextmanager
@@ -227,29 +243,31 @@ class DDPM(pl.LightningModule):
 
     # ------------------------------------------------------------------ the process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample from q(x_t | x_0)."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        a = self.alphas_cumprod[t].reshape(-1, *((1,) * (x_start.ndim - 1)))
-        return a.sqrt() * x_start + (1 - a).sqrt() * noise
+        """Sample from q(x_t | x_0) (the schedule's forward process)."""
+        return self.schedule.q_sample(x_start, t, noise)
 
-    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod[t].reshape(-1, *((1,) * (like.ndim - 1))).to(like.dtype)
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of the process at timesteps t, broadcast against `like`."""
+        return self.schedule.coefficients(t, like)
+
+    def _prediction(self, parameterization: str, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        return to_prediction(parameterization, output, x_t, *self._alpha_sigma(t, x_t), self.schedule.sigma_data)
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and eps."""
-        return to_prediction("eps", noise, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("eps", noise, x_t, t).x0
 
     def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("v", v, x_t, t).x0
 
     def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).eps
+        return self._prediction("v", v, x_t, t).eps
 
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The v target for clean x noised with `noise` at t."""
-        return training_target("v", x, noise, self._alpha_bar(t, x))
+        return training_target("v", x, noise, *self._alpha_sigma(t, x))
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -259,14 +277,20 @@ class DDPM(pl.LightningModule):
         """The raw network output for x_noisy at timesteps t."""
         return self.model(x_noisy, t)
 
-    def denoiser(self, model_fn=None, clip_denoised: bool | None = None) -> Denoiser:
-        """A Denoiser over this model's schedule and parameterization (model_fn defaults to apply_model)."""
+    def denoiser(self, model_fn: ModelFn | None = None, clip_denoised: bool | None = None,
+                 x0_fn: X0Fn | None = None) -> Denoiser:
+        """denoise(x, sigma) -> x0 over this model's schedule and parameterization (`ldm.sampling.denoiser`);
+        model_fn(x, t) defaults to the unconditional apply_model, clip_denoised to the model's."""
         fn = model_fn if model_fn is not None else (lambda x, t: self.apply_model(x, t, None))
-        return Denoiser(fn, self.schedule, self.parameterization, clip_x0=default(clip_denoised, self.clip_denoised))
+        clip = default(clip_denoised, self.clip_denoised)
+        if clip:
+            x0_fn = x0_hook(clip=True, quantize=x0_fn)
+        return Denoiser(fn, self.schedule, self.parameterization, x0_fn=x0_fn)
 
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
-        """Mean and variance of p(x_{t-1} | x_t)."""
-        x0 = self.denoiser(clip_denoised=clip_denoised)(x, t).x0
+        """Mean and variance of p(x_{t-1} | x_t) at integer timesteps t."""
+        sigma = self.schedule.t_to_sigma(t.cpu())
+        x0 = self.denoiser(clip_denoised=clip_denoised)(self.schedule.to_ve(x, sigma), sigma)
         return self.q_posterior(x0.to(x.dtype), x, t)
 
     @torch.no_grad()
@@ -276,27 +300,31 @@ class DDPM(pl.LightningModule):
         """Ancestral sampling from noise (or x_T) down through `timesteps` (default: all) training steps.
 
         Intermediate latents are kept every log_every_t steps; `seeds` gives per-sample noise
-        (batch-invariant), `step_callback(i, x, x0)` sees every step, and kwargs (mask, x0,
-        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm_ancestral`.
+        (batch-invariant), `step_callback(t, x, x0)` sees every step, and kwargs (mask, x0,
+        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm.ddpm`.
         """
-        denoise = with_x0_fn(self.denoiser(lambda x, t: self.apply_model(x, t, cond)),
-                             x0_postprocess(self, quantize_x0=quantize_denoised))
+        quantize = (lambda x0: self.first_stage_model.quantize(x0)[0]) if quantize_denoised else None
+        denoise = self.denoiser(lambda x, t: self.apply_model(x, t, cond), x0_fn=quantize)
         noise = make_noise(seeds, self.device)
         img = noise.randn(shape) if x_T is None else x_T
         n_steps = default(timesteps, self.num_timesteps)
+        sigmas = torch.cat([self.schedule.t_to_sigma(torch.arange(n_steps - 1, -1, -1)), torch.zeros(1).double()])
         intermediates = [img]
         progress = tqdm(total=n_steps, desc="Sampling t", disable=not verbose)
 
         def on_step(step: dict) -> None:
             progress.update(1)
-            if step["t"] % self.log_every_t == 0 or step["t"] == n_steps - 1:
-                intermediates.append(step["x"])
+            t, x = n_steps - 1 - step["i"], self.schedule.from_ve(step["x"], step["sigma_next"])
+            if t % self.log_every_t == 0 or t == n_steps - 1:
+                intermediates.append(x)
             if step_callback is not None:
-                step_callback(step["t"], step["x"], step["x0"])
+                step_callback(t, x, step["denoised"])
 
-        img = ddpm_ancestral(denoise, self.schedule, img, timesteps=np.arange(n_steps)[::-1], noise=noise,
-                             callback=on_step, **kwargs)
-        progress.close()
+        try:
+            img = ddpm(denoise, sigmas, self.schedule.to_ve(img, float(sigmas[0])), v_posterior=self.v_posterior,
+                       noise=noise, callback=on_step, **kwargs)
+        finally:
+            progress.close()
         return (img, intermediates) if return_intermediates else img
 
     @torch.no_grad()
@@ -319,7 +347,8 @@ class DDPM(pl.LightningModule):
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
-        target = training_target(self.parameterization, x_start, noise, self._alpha_bar(t, x_start))
+        target = training_target(self.parameterization, x_start, noise, *self._alpha_sigma(t, x_start),
+                                 self.schedule.sigma_data)
         prefix = "train" if self.training else "val"
         loss_per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, x_start.ndim)))
         loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
@@ -416,8 +445,10 @@ class DDPM(pl.LightningModule):
     # ------------------------------------------------------------------ image logging
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 2, sample: bool = True,
-                   return_keys: list[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, diffusion_row (forward process), samples and denoise_row."""
+                   return_keys: list[str] | None = None, sampler: str | None = None, ddim_steps: int = 50,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, diffusion_row (forward process), samples and denoise_row; samples are ancestral over every
+        timestep, or drawn with `sampler` (a name of ldm.sampling.SAMPLERS) in `ddim_steps` steps."""
         from ldm.models.diffusion.image_logging import rows_to_grid
 
         x = batch_images(batch, self.first_stage_key)[:N].to(self.device)
@@ -426,7 +457,14 @@ class DDPM(pl.LightningModule):
         log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
         if sample:
             with self.ema_scope("Plotting"):
-                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                if sampler is None:
+                    samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                else:
+                    from ldm.models.diffusion.sampler import make_sampler
+
+                    shape = (self.channels, self.image_size, self.image_size)
+                    samples, inter = make_sampler(sampler, self).sample(ddim_steps, N, shape, verbose=False)
+                    denoise_row = inter["x_inter"]
             log["samples"] = samples
             log["denoise_row"] = rows_to_grid(denoise_row)
         if return_keys:
@@ -519,6 +557,10 @@ _REEXPORTS = {
     "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+    "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
 }
 
 

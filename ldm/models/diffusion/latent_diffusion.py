@@ -18,7 +18,7 @@ import torch.nn as nn
 from ldm.models.diffusion.ddpm import DDPM, batch_images
 from ldm.models.diffusion.latent_logging import LatentImageLogging
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed
+from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed, global_drop
 from ldm.modules.encoders.roles import bare_role, bare_slot, is_role_dict, take, to_legacy
 from ldm.util import ConfigError, default, freeze_module, get_obj_from_str, instantiate_from_config
 
@@ -257,10 +257,16 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     @torch.no_grad()
     def task_roles(self, batch: Mapping[str, Any], latent_size: Sequence[int], bs: int | None = None) -> dict[str, Any]:
-        """The role dict of the task embedders for the first `bs` samples of a batch (the conditioner's loop)."""
+        """The role dict of the task embedders for the first `bs` samples of a batch (the conditioner's loop; in
+        training mode an embedder with a ucg_rate is dropped at that rate, drawn by `task_drop`)."""
         embedders = self.task_embedders(latent_size)
         keys = dict.fromkeys(key for spec, _ in embedders for key in spec.input_keys)
-        return embed(embedders, {key: take(batch[key], bs) for key in keys if key in batch})
+        return embed(embedders, {key: take(batch[key], bs) for key in keys if key in batch}, training=self.training,
+                     drop=self.task_drop)
+
+    def task_drop(self, n: int, rate: float) -> torch.Tensor:
+        """Which of n samples a task embedder drops (bool [n]): from the global generator, as the conditioner."""
+        return global_drop(n, rate)
 
     def with_task_roles(self, c: Any, batch: Mapping[str, Any], latent_size: Sequence[int],
                         bs: int | None = None) -> dict[str, Any]:
@@ -357,13 +363,16 @@ class LatentDiffusion(LatentImageLogging, DDPM):
                                   verbose=verbose, **kwargs)
 
     @torch.no_grad()
-    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any):
-        """Samples for logging: DDIM when `ddim`, else ancestral; returns (samples, intermediates)."""
-        if ddim:
-            from ldm.models.diffusion.ddim import DDIMSampler
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, sampler: str | None = None,
+                   **kwargs: Any):
+        """Samples for logging: with `sampler` (a name of ldm.sampling.SAMPLERS) or DDIM (`ddim`) in ddim_steps
+        steps, else ancestral over every timestep; returns (samples, intermediates)."""
+        if ddim or sampler is not None:
+            from ldm.models.diffusion.sampler import make_sampler
 
             shape = (self.channels, self.image_size, self.image_size)
-            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+            return make_sampler(sampler or "ddim", self).sample(ddim_steps, batch_size, shape, cond, verbose=False,
+                                                                **kwargs)
         return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
 
 

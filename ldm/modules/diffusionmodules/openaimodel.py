@@ -32,6 +32,28 @@ from ldm.modules.diffusionmodules.util import (
 logger = logging.getLogger(__name__)
 
 
+def convert_module_to_f16(module: nn.Module) -> None:
+    """Cast a layer's own floating-point parameters and buffers to float16 (used with `Module.apply`)."""
+    module._apply(lambda t: t.half() if t.is_floating_point() else t, recurse=False)
+
+
+def convert_module_to_f32(module: nn.Module) -> None:
+    """Cast a layer's own floating-point parameters and buffers to float32 (used with `Module.apply`)."""
+    module._apply(lambda t: t.float() if t.is_floating_point() else t, recurse=False)
+
+
+class Timestep(nn.Module):
+    """The sinusoidal embedding of (noise-level) timesteps as a module: t [N] -> [N, dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """The [cos | sin] embedding of t (see `timestep_embedding`)."""
+        return timestep_embedding(t, self.dim)
+
+
 class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
@@ -348,7 +370,70 @@ def _checked_options(levels: int, num_res_blocks: Any, transformer_depth: Any, c
     return num_res_blocks, transformer_depth, context_dim, disable_self_attentions, num_attention_blocks
 
 
-class UNetModel(nn.Module):
+class UNetTorso(nn.Module):
+    """What UNetModel and its encoder half (EncoderUNetModel) share: the input blocks, the torso's float16
+    conversion and the dtype the torso runs in.
+
+    The torso is the input, middle and (for the full UNet) output blocks; the timestep / label embeddings and the
+    output head stay as they are, as in guided-diffusion's mixed-precision UNet (Dhariwal & Nichol 2021).
+    """
+
+    TORSO = ("input_blocks", "middle_block", "output_blocks")
+
+    def _torso(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.TORSO if hasattr(self, name)]
+
+    def convert_to_fp16(self) -> None:
+        """Convert the torso of the model to float16 (the embeddings and the output head stay in their dtype)."""
+        for part in self._torso():
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self) -> None:
+        """Convert the torso of the model back to float32."""
+        for part in self._torso():
+            part.apply(convert_module_to_f32)
+
+    def _build_input_blocks(self, blocks: UNetBlocks, dims: int) -> tuple[list[int], int, int]:
+        """The encoder: the input conv, then per level its residual (+ attention) blocks and a downsampling.
+        Returns the channels of every skip connection, the last width and the downsampling reached."""
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, self.in_channels, self.model_channels, 3, padding=1))]
+        )
+        self._feature_size = ch = self.model_channels
+        input_block_chans, ds = [ch], 1
+        for level, mult in enumerate(self.channel_mult):
+            for nr in range(self.num_res_blocks[level]):
+                layers: list[nn.Module] = [blocks.res(ch, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if blocks.wants_attention(ds, level, nr):
+                    layers.append(blocks.attn(ch, level, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+                input_block_chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(blocks.down(ch)))
+                input_block_chans.append(ch)
+                ds *= 2
+                self._feature_size += ch
+        return input_block_chans, ch, ds
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the torso runs in: `use_fp16`/`use_bf16` under autocast, else the torso's weights' dtype."""
+        weight_dtype = self.input_blocks[0][0].weight.dtype
+        device_type = self.input_blocks[0][0].weight.device.type
+        if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type):
+            return self.dtype
+        return weight_dtype
+
+    def _timestep_features(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal timestep features, in the dtype of the timestep MLP (the torso's dtype under autocast)."""
+        device_type = self.time_embed[0].weight.device.type
+        dtype = self.dtype if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type) else \
+            self.time_embed[0].weight.dtype
+        return timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(dtype)
+
+
+class UNetModel(UNetTorso):
     """The full UNet with timestep embedding, optional class / ADM embedding and cross-attention.
 
     Parameters and defaults are the original's; see the module docstring. Built level by level: embeddings,
@@ -427,30 +512,6 @@ class UNetModel(nn.Module):
         elif self.num_classes == "sequential":
             self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, dim), nn.SiLU(), linear(dim, dim)))
 
-    def _build_input_blocks(self, blocks: UNetBlocks, dims: int) -> tuple[list[int], int, int]:
-        """The encoder: the input conv, then per level its residual (+ attention) blocks and a downsampling.
-        Returns the channels of every skip connection, the last width and the downsampling reached."""
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, self.in_channels, self.model_channels, 3, padding=1))]
-        )
-        self._feature_size = ch = self.model_channels
-        input_block_chans, ds = [ch], 1
-        for level, mult in enumerate(self.channel_mult):
-            for nr in range(self.num_res_blocks[level]):
-                layers: list[nn.Module] = [blocks.res(ch, mult * self.model_channels)]
-                ch = mult * self.model_channels
-                if blocks.wants_attention(ds, level, nr):
-                    layers.append(blocks.attn(ch, level, self.num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != len(self.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(blocks.down(ch)))
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-        return input_block_chans, ch, ds
-
     def _build_output_blocks(self, blocks: UNetBlocks, input_block_chans: list[int], ch: int, ds: int) -> int:
         """The decoder: per level (deepest first) its residual (+ attention) blocks over the concatenated skip
         connections, the last one upsampling. Returns the last width."""
@@ -475,14 +536,6 @@ class UNetModel(nn.Module):
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, self.model_channels, n_embed, 1))
 
-    def _compute_dtype(self) -> torch.dtype:
-        """The dtype the body runs in: `use_fp16`/`use_bf16` under autocast, else the weights' dtype."""
-        weight_dtype = self.time_embed[0].weight.dtype
-        device_type = self.time_embed[0].weight.device.type
-        if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type):
-            return self.dtype
-        return weight_dtype
-
     def forward(
         self,
         x: torch.Tensor,
@@ -502,12 +555,14 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         dtype = self._compute_dtype()
-        t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(dtype)
+        t_emb = self._timestep_features(timesteps)
         emb = self.time_embed(t_emb)
         if self.num_classes is not None:
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"UNetModel: {y.shape[0]} labels for a batch of {x.shape[0]}")
-            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(dtype))
+            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(t_emb.dtype))
+        emb = emb.to(dtype)
+        context = _cast_context(context, dtype)
         hs = []
         h = x.type(dtype)
         if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) and h.ndim == 4:
@@ -521,3 +576,25 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
         h = h.type(x.dtype)
         return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+
+
+def _cast_context(context: Any, dtype: torch.dtype) -> Any:
+    """The cross-attention context (a tensor or a list of them) in the torso's dtype."""
+    if isinstance(context, torch.Tensor):
+        return context.to(dtype) if context.is_floating_point() else context
+    if isinstance(context, (list, tuple)):
+        return [_cast_context(c, dtype) for c in context]
+    return context
+
+
+# The encoder half lives in its own file (it builds on the classes above); served here under the original path.
+_ENCODER_NAMES = ("EncoderUNetModel", "AttentionPool2d")
+
+
+def __getattr__(name: str) -> Any:
+    """Module attribute hook (PEP 562): EncoderUNetModel and AttentionPool2d from `encoder_unet.py`."""
+    if name in _ENCODER_NAMES:
+        from ldm.modules.diffusionmodules import encoder_unet
+
+        return getattr(encoder_unet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -93,14 +93,14 @@ def embed(embedders: Sequence[tuple[EmbedderSpec, Callable[..., Any]]], batch: M
     parts: dict[str, list[torch.Tensor]] = {}
     for index, (spec, fn) in enumerate(embedders):
         values = [_batch_value(batch, key, spec.name) for key in spec.input_keys]
-        dropped = None
-        if training and spec.ucg_rate > 0.0:
-            dropped = drop(_count(values[0], spec), spec.ucg_rate)
-            if spec.legacy_ucg_value is not None:
-                values[0] = _replace(values[0], dropped, spec.legacy_ucg_value)
-                dropped = None
+        drops = training and spec.ucg_rate > 0.0
+        if drops and spec.legacy_ucg_value is not None:  # the input is replaced before embedding
+            values[0] = _replace(values[0], drop(_count(values[0], spec), spec.ucg_rate), spec.legacy_ucg_value)
+            drops = False
         with nullcontext() if spec.is_trainable else torch.no_grad():
             out = fn(*values)
+        # a drop to zero is drawn after the embedder ran (as sgm and the unCLIP original draw it)
+        dropped = drop(_count(values[0], spec), spec.ucg_rate) if drops else None
         for role, emb in _outputs(spec, out):
             if index in zeroed:
                 emb = _drop_to_zero(emb, torch.ones(emb.shape[0], dtype=torch.bool), spec)

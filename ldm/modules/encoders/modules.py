@@ -36,6 +36,18 @@ class AbstractEncoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
 
 
+class IdentityEncoder(AbstractEncoder):
+    """An encoder that returns its input unchanged (for conditioning that is already an embedding)."""
+
+    def encode(self, x: Any) -> Any:
+        """x itself."""
+        return x
+
+    def forward(self, x: Any) -> Any:
+        """x itself (so the encoder also works where a module is called, e.g. in a GeneralConditioner)."""
+        return x
+
+
 class ClassEmbedder(nn.Module):
     """Embeds integer class labels as a one-token sequence [B, 1, embed_dim] for cross-attention.
 
@@ -349,22 +361,32 @@ class SpatialRescaler(nn.Module):
         return self(x)
 
 
-# The pretrained frozen encoders live in `frozen.py` (which imports this module); they are served from here
-# lazily so the original config targets `ldm.modules.encoders.modules.FrozenCLIPEmbedder` etc. keep working.
-_FROZEN_ENCODERS = (
-    "FrozenCLIPEmbedder",
-    "FrozenOpenCLIPEmbedder",
-    "FrozenHFTextEmbedder",
-    "FrozenEncoder",
-    "MissingPretrainedModelError",
-    "write_clip_tokenizer",
-)
+# The pretrained encoders live in their own files (which import this module); they are served from here lazily so
+# the original config targets `ldm.modules.encoders.modules.FrozenCLIPEmbedder` etc. keep working.
+_FROZEN = "ldm.modules.encoders.frozen"
+_CLIP_IMAGE = "ldm.modules.encoders.clip_image"
+_LAZY = {
+    "FrozenCLIPEmbedder": _FROZEN,
+    "FrozenOpenCLIPEmbedder": _FROZEN,
+    "FrozenHFTextEmbedder": _FROZEN,
+    "FrozenEncoder": _FROZEN,
+    "MissingPretrainedModelError": _FROZEN,
+    "write_clip_tokenizer": _FROZEN,
+    "FrozenT5Embedder": "ldm.modules.encoders.t5",
+    "FrozenCLIPT5Encoder": "ldm.modules.encoders.t5",
+    "FrozenOpenCLIPImageEmbedder": _CLIP_IMAGE,
+    "ClipImageEmbedder": _CLIP_IMAGE,
+    "FrozenClipImageEmbedder": _CLIP_IMAGE,
+    "FrozenCLIPTextEmbedder": _CLIP_IMAGE,
+    "CLIPEmbeddingNoiseAugmentation": "ldm.modules.diffusionmodules.upscaling",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Module attribute hook (PEP 562): the frozen encoders, imported from `frozen.py` on first use."""
-    if name in _FROZEN_ENCODERS:
-        from ldm.modules.encoders import frozen
+    """Module attribute hook (PEP 562): the pretrained encoders and the unCLIP noise augmentation, imported from
+    their own files on first use."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(frozen, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
