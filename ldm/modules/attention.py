@@ -25,8 +25,10 @@ from ldm.util import default
 
 ATTN_PRECISION = os.environ.get("ATTN_PRECISION", "fp32")
 # One matrix product for q, k, v of self-attention (k, v of cross-attention) instead of three; see
-# `CrossAttention.fused`. Set to "0" to run the original three projections (the default for new layers).
-FUSE_PROJECTIONS = os.environ.get("LDM_FUSE_PROJECTIONS", "1") != "0"
+# `CrossAttention.fused`. Off by default (`LDM_FUSE_PROJECTIONS=1` turns it on for new layers): on CPU it measured
+# no faster than three products (docs/benchmarks.md), and a differently shaped GEMM rounds differently, so a seed's
+# image would change with the option.
+FUSE_PROJECTIONS = os.environ.get("LDM_FUSE_PROJECTIONS", "0") == "1"
 
 
 def attention(
@@ -85,7 +87,7 @@ def Normalize(in_channels: int) -> nn.GroupNorm:  # noqa: N802 - original name
 class CrossAttention(nn.Module):
     """Multi-head attention from `query_dim` tokens to a context (itself when context is None).
 
-    With `fused` (default: `FUSE_PROJECTIONS`), the projections that read the same input run as one matrix
+    With `fused` (default: `FUSE_PROJECTIONS`, off), the projections that read the same input run as one matrix
     product: q, k, v for self-attention, k, v for cross-attention. The parameters stay `to_q`, `to_k`, `to_v` (the
     original state_dict keys and modules). Without gradients their weights are re-pointed, on first use, into one
     packed tensor (no copy per call, no second copy of the weights); with gradients the packed weight is a

@@ -12,4 +12,4 @@ def test_grid_with_fusion_ablation(monkeypatch, capsys):
     bench.main(["--device", "cpu", "--sizes", "8", "--batches", "1", "--dtypes", "fp32", "--repeats", "1",
                 "--ablate-fusions"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu")]
-    assert len(rows) == 1 and rows[0].count("|") == 9  # ours, diffusers, ratio and the separate-q/k/v column
+    assert len(rows) == 1 and rows[0].count("|") == 9  # ours, diffusers, ratio and the fused-q/k/v column
