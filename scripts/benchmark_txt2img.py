@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--steps", type=int, default=50, help="DDIM steps")
     add("--scale", type=float, default=7.5, help="guidance scale")
     add("--repeats", type=int, default=1, help="runs of each framework, alternating")
+    add("--extrapolate", type=int, default=50, help="also estimate a run of this many steps: the measured fixed "
+                                                     "costs plus this many times the measured time per step")
     add("--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: the environment's)")
     add("--tiny", action="store_true", help="a tiny SD-like model (checks the script)")
     add("--workdir", type=Path, default=None, help="where the weights go (default: a temporary directory)")
@@ -84,10 +86,60 @@ def prepare(workdir: Path, tiny: bool) -> tuple[Path, Path, Path]:
     return config_path, ckpt, clip_dir
 
 
-def run_ours(args: argparse.Namespace, config: Path, ckpt: Path, workdir: Path) -> None:
+class Phases:
+    """Wall time inside the text encoder, the UNet (first call's start to last call's end) and the decoder, timed by
+    forward hooks on the modules each framework runs."""
+
+    def __init__(self) -> None:
+        self.seconds = {"text_encode": 0.0, "decode": 0.0}
+        self.first_call: float | None = None
+        self.unet_calls, self.unet_first, self.unet_last = 0, 0.0, 0.0
+        self._started: dict[str, float] = {}
+
+    def watch(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, decoder: torch.nn.Module) -> None:
+        """Put the hooks on one framework's three modules."""
+        for name, module in (("text_encode", text_encoder), ("decode", decoder), ("unet", unet)):
+            module.register_forward_pre_hook(lambda *_, n=name: self._start(n))
+            module.register_forward_hook(lambda *_, n=name: self._end(n))
+
+    def _start(self, name: str) -> None:
+        now = time.perf_counter()
+        self.first_call = self.first_call or now
+        if name == "unet":
+            self.unet_first = self.unet_first or now
+        self._started[name] = now
+
+    def _end(self, name: str) -> None:
+        now = time.perf_counter()
+        if name == "unet":
+            self.unet_calls, self.unet_last = self.unet_calls + 1, now
+        else:
+            self.seconds[name] += now - self._started[name]
+
+    def result(self, start: float, end: float, steps: int) -> dict[str, float]:
+        """Seconds of setup (loading and building, until the first watched call), text encoding, sampling (all UNet
+        calls and the sampler between them) and per step, decoding, and the rest (image conversion, saving)."""
+        setup = (self.first_call or end) - start
+        sampling = self.unet_last - self.unet_first
+        rest = end - start - setup - sampling - self.seconds["text_encode"] - self.seconds["decode"]
+        return {"setup": setup, "text_encode": self.seconds["text_encode"], "sampling": sampling,
+                "per_step": sampling / steps, "decode": self.seconds["decode"], "rest": rest,
+                "unet_calls": self.unet_calls}
+
+
+def run_ours(args: argparse.Namespace, config: Path, ckpt: Path, workdir: Path, phases: Phases) -> None:
     """scripts/txt2img.py with its defaults for one image."""
     sys.path.insert(0, str(REPO / "scripts"))
     import txt2img
+
+    load = txt2img.inf.load_from_args
+
+    def load_and_watch(flags: argparse.Namespace) -> tuple:
+        model, device, path = load(flags)
+        phases.watch(model.cond_stage_model, model.model.diffusion_model, model.first_stage_model.decoder)
+        return model, device, path
+
+    txt2img.inf.load_from_args = load_and_watch
 
     argv = ["--config", str(config), "--ckpt", str(ckpt), "--prompt", PROMPT, "--H", str(args.size), "--W",
             str(args.size), "--ddim_steps", str(args.steps), "--scale", str(args.scale), "--n_samples", "1",
@@ -96,17 +148,18 @@ def run_ours(args: argparse.Namespace, config: Path, ckpt: Path, workdir: Path) 
         raise SystemExit("txt2img.py failed")
 
 
-def run_diffusers(args: argparse.Namespace, config: Path, ckpt: Path, clip_dir: Path, workdir: Path) -> None:
+def run_diffusers(args: argparse.Namespace, config: Path, ckpt: Path, clip_dir: Path, workdir: Path,
+                  phases: Phases) -> None:
     """StableDiffusionPipeline over the same weights, one image."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ldm.convert.diffusers_unet import diffusers_unet_config, unet_state_dict_to_diffusers
     from ldm.convert.diffusers_vae import diffusers_vae_config, vae_state_dict_to_diffusers
-    from ldm.util import load_state_dict
+    from ldm.util import read_checkpoint
 
     p = OmegaConf.load(config).model.params
-    sd = load_state_dict(str(ckpt))
+    sd = read_checkpoint(str(ckpt), mmap=True)[0]  # mapped, as ours and as from_pretrained reads safetensors
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -126,6 +179,7 @@ def run_diffusers(args: argparse.Namespace, config: Path, ckpt: Path, clip_dir: 
                                    tokenizer=CLIPTokenizer.from_pretrained(clip_dir), unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    phases.watch(pipe.text_encoder, pipe.unet, pipe.vae.decoder)
     image = pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
                  guidance_scale=args.scale, generator=torch.Generator().manual_seed(42)).images[0]
     (workdir / "diffusers").mkdir(exist_ok=True)
@@ -133,16 +187,17 @@ def run_diffusers(args: argparse.Namespace, config: Path, ckpt: Path, clip_dir: 
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One framework's run in this process; prints {"seconds", "peak_rss_gib"} as JSON on the last line."""
+    """One framework's run in this process; prints {"seconds", "peak_rss_gib", the phases} as JSON on the last line."""
     workdir = args.workdir
     config, ckpt, clip_dir = workdir / "config.yaml", workdir / "model.ckpt", workdir / "clip"
+    phases = Phases()
     start = time.perf_counter()
     if args.worker == "ours":
-        run_ours(args, config, ckpt, workdir)
+        run_ours(args, config, ckpt, workdir, phases)
     else:
-        run_diffusers(args, config, ckpt, clip_dir, workdir)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak_rss_gib()}))
+        run_diffusers(args, config, ckpt, clip_dir, workdir, phases)
+    end = time.perf_counter()
+    print(json.dumps({"seconds": end - start, "peak_rss_gib": peak_rss_gib(), **phases.result(start, end, args.steps)}))
 
 
 def peak_rss_gib() -> float:
@@ -169,26 +224,38 @@ def spawn(args: argparse.Namespace, framework: str, workdir: Path) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+PHASES = ("setup", "text_encode", "sampling", "per_step", "decode", "rest")
+
+
 def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Prepare the weights, run both frameworks alternately, print the table; returns the medians."""
-    prepare(workdir, args.tiny)
+    """Prepare the weights (kept in a --workdir that has them), run both frameworks alternately, print the table;
+    returns the medians."""
+    if not ((workdir / "model.ckpt").is_file() and (workdir / "config.yaml").is_file()):
+        prepare(workdir, args.tiny)
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}
     for _ in range(args.repeats):
         for framework in runs:
             runs[framework].append(spawn(args, framework, workdir))
             print(f"  {framework}: {runs[framework][-1]}", file=sys.stderr, flush=True)
-    result = {fw: {key: statistics.median(r[key] for r in rs) for key in ("seconds", "peak_rss_gib")}
-              for fw, rs in runs.items()}
+    keys = ("seconds", "peak_rss_gib", *PHASES)
+    result = {fw: {key: statistics.median(r[key] for r in rs) for key in keys} for fw, rs in runs.items()}
+    for r in result.values():  # the same run with --extrapolate steps: the fixed costs plus that many steps
+        r["estimate"] = r["seconds"] - r["sampling"] + args.extrapolate * r["per_step"]
     load = os.getloadavg()
     print(f"{'tiny SD-like' if args.tiny else 'SD v1'} txt2img {args.size}x{args.size}, {args.steps} DDIM steps, "
           f"scale {args.scale}, 1 image; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} "
-          f"{load[2]:.1f}")
-    print("| framework | wall s | peak RSS GiB |\n|---|---|---|")
+          f"{load[2]:.1f}; median of {args.repeats}")
+    print(f"| framework | wall s | setup s | text encode s | sampling s | per step s | decode s | rest s "
+          f"| {args.extrapolate} steps est. s | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|---|")
     for fw, r in result.items():
-        print(f"| {fw} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |")
+        print(f"| {fw} | {r['seconds']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in PHASES)
+              + f" | {r['estimate']:.1f} | {r['peak_rss_gib']:.2f} |")
     ours, theirs = result["ours"], result["diffusers"]
-    print(f"ours / diffusers: wall {ours['seconds'] / theirs['seconds']:.2f}, "
-          f"peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}")
+    ratio = {k: ours[k] / theirs[k] if theirs[k] else float("nan") for k in ("seconds", "per_step", "estimate",
+                                                                             "peak_rss_gib", "setup", "decode")}
+    print(f"ours / diffusers: wall {ratio['seconds']:.2f}, per step {ratio['per_step']:.2f}, setup "
+          f"{ratio['setup']:.2f}, decode {ratio['decode']:.2f}, {args.extrapolate}-step estimate "
+          f"{ratio['estimate']:.2f}, peak memory {ratio['peak_rss_gib']:.2f}")
     return result
 
 
