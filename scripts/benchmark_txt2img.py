@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tiny", action="store_true", help="a tiny SD-like model (checks the script)")
     add("--workdir", type=Path, default=None, help="where the weights go (default: a temporary directory)")
     add("--ours-args", default="", help="extra txt2img.py flags, e.g. '--no-compile'")
-    add("--worker", choices=("ours", "diffusers"), default=None, help=argparse.SUPPRESS)
+    add("--worker", choices=("prepare", "ours", "diffusers"), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -86,15 +86,23 @@ def prepare(workdir: Path, tiny: bool) -> tuple[Path, Path, Path]:
     return config_path, ckpt, clip_dir
 
 
+def now() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): on a shared machine the CPU time is the steadier measure of the work
+    (preemption by other processes does not count)."""
+    return time.perf_counter(), time.process_time()
+
+
 class Phases:
-    """Wall time inside the text encoder, the UNet (first call's start to last call's end) and the decoder, timed by
-    forward hooks on the modules each framework runs."""
+    """Wall and CPU time inside the text encoder, the UNet (first call's start to last call's end) and the decoder,
+    timed by forward hooks on the modules each framework runs."""
 
     def __init__(self) -> None:
-        self.seconds = {"text_encode": 0.0, "decode": 0.0}
-        self.first_call: float | None = None
-        self.unet_calls, self.unet_first, self.unet_last = 0, 0.0, 0.0
-        self._started: dict[str, float] = {}
+        self.seconds = {"text_encode": [0.0, 0.0], "decode": [0.0, 0.0]}
+        self.first_call: tuple[float, float] | None = None
+        self.unet_calls = 0
+        self.unet_first: tuple[float, float] | None = None
+        self.unet_last: tuple[float, float] | None = None
+        self._started: dict[str, tuple[float, float]] = {}
 
     def watch(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, decoder: torch.nn.Module) -> None:
         """Put the hooks on one framework's three modules."""
@@ -103,28 +111,34 @@ class Phases:
             module.register_forward_hook(lambda *_, n=name: self._end(n))
 
     def _start(self, name: str) -> None:
-        now = time.perf_counter()
-        self.first_call = self.first_call or now
+        stamp = now()
+        self.first_call = self.first_call or stamp
         if name == "unet":
-            self.unet_first = self.unet_first or now
-        self._started[name] = now
+            self.unet_first = self.unet_first or stamp
+        self._started[name] = stamp
 
     def _end(self, name: str) -> None:
-        now = time.perf_counter()
+        stamp = now()
         if name == "unet":
-            self.unet_calls, self.unet_last = self.unet_calls + 1, now
+            self.unet_calls, self.unet_last = self.unet_calls + 1, stamp
         else:
-            self.seconds[name] += now - self._started[name]
+            for clock in (0, 1):
+                self.seconds[name][clock] += stamp[clock] - self._started[name][clock]
 
-    def result(self, start: float, end: float, steps: int) -> dict[str, float]:
+    def result(self, start: tuple[float, float], end: tuple[float, float], steps: int) -> dict[str, float]:
         """Seconds of setup (loading and building, until the first watched call), text encoding, sampling (all UNet
-        calls and the sampler between them) and per step, decoding, and the rest (image conversion, saving)."""
-        setup = (self.first_call or end) - start
-        sampling = self.unet_last - self.unet_first
-        rest = end - start - setup - sampling - self.seconds["text_encode"] - self.seconds["decode"]
-        return {"setup": setup, "text_encode": self.seconds["text_encode"], "sampling": sampling,
-                "per_step": sampling / steps, "decode": self.seconds["decode"], "rest": rest,
-                "unet_calls": self.unet_calls}
+        calls and the sampler between them) and per step, decoding, and the rest (image conversion, saving); wall
+        clock, and CPU time under the same names with a `cpu_` prefix."""
+        out: dict[str, float] = {"unet_calls": self.unet_calls}
+        for clock, prefix in ((0, ""), (1, "cpu_")):
+            setup = (self.first_call or end)[clock] - start[clock]
+            sampling = (self.unet_last or end)[clock] - (self.unet_first or end)[clock]
+            text, decode = self.seconds["text_encode"][clock], self.seconds["decode"][clock]
+            total = end[clock] - start[clock]
+            out.update({f"{prefix}seconds": total, f"{prefix}setup": setup, f"{prefix}text_encode": text,
+                        f"{prefix}sampling": sampling, f"{prefix}per_step": sampling / steps,
+                        f"{prefix}decode": decode, f"{prefix}rest": total - setup - sampling - text - decode})
+        return out
 
 
 def run_ours(args: argparse.Namespace, config: Path, ckpt: Path, workdir: Path, phases: Phases) -> None:
@@ -190,14 +204,18 @@ def worker(args: argparse.Namespace) -> None:
     """One framework's run in this process; prints {"seconds", "peak_rss_gib", the phases} as JSON on the last line."""
     workdir = args.workdir
     config, ckpt, clip_dir = workdir / "config.yaml", workdir / "model.ckpt", workdir / "clip"
+    if args.worker == "prepare":  # its own process, so that the runs' parent does not hold the built model
+        prepare(workdir, args.tiny)
+        print(json.dumps({}))
+        return
     phases = Phases()
-    start = time.perf_counter()
+    start = now()
     if args.worker == "ours":
         run_ours(args, config, ckpt, workdir, phases)
     else:
         run_diffusers(args, config, ckpt, clip_dir, workdir, phases)
-    end = time.perf_counter()
-    print(json.dumps({"seconds": end - start, "peak_rss_gib": peak_rss_gib(), **phases.result(start, end, args.steps)}))
+    end = now()
+    print(json.dumps({"peak_rss_gib": peak_rss_gib(), **phases.result(start, end, args.steps)}))
 
 
 def peak_rss_gib() -> float:
@@ -214,7 +232,8 @@ def peak_rss_gib() -> float:
 def spawn(args: argparse.Namespace, framework: str, workdir: Path) -> dict[str, float]:
     """A worker process for one framework; its JSON result."""
     command = [sys.executable, __file__, "--worker", framework, "--workdir", str(workdir), "--size", str(args.size),
-               "--steps", str(args.steps), "--scale", str(args.scale), f"--ours-args={args.ours_args}"]
+               "--steps", str(args.steps), "--scale", str(args.scale), f"--ours-args={args.ours_args}",
+               *(["--tiny"] if args.tiny else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -231,31 +250,37 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Prepare the weights (kept in a --workdir that has them), run both frameworks alternately, print the table;
     returns the medians."""
     if not ((workdir / "model.ckpt").is_file() and (workdir / "config.yaml").is_file()):
-        prepare(workdir, args.tiny)
+        spawn(args, "prepare", workdir)
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}
     for _ in range(args.repeats):
         for framework in runs:
             runs[framework].append(spawn(args, framework, workdir))
             print(f"  {framework}: {runs[framework][-1]}", file=sys.stderr, flush=True)
-    keys = ("seconds", "peak_rss_gib", *PHASES)
+    keys = [key for key in runs["ours"][0] if key != "unet_calls"]
     result = {fw: {key: statistics.median(r[key] for r in rs) for key in keys} for fw, rs in runs.items()}
     for r in result.values():  # the same run with --extrapolate steps: the fixed costs plus that many steps
-        r["estimate"] = r["seconds"] - r["sampling"] + args.extrapolate * r["per_step"]
+        for prefix in ("", "cpu_"):
+            r[f"{prefix}estimate"] = (r[f"{prefix}seconds"] - r[f"{prefix}sampling"]
+                                      + args.extrapolate * r[f"{prefix}per_step"])
     load = os.getloadavg()
     print(f"{'tiny SD-like' if args.tiny else 'SD v1'} txt2img {args.size}x{args.size}, {args.steps} DDIM steps, "
           f"scale {args.scale}, 1 image; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} "
           f"{load[2]:.1f}; median of {args.repeats}")
-    print(f"| framework | wall s | setup s | text encode s | sampling s | per step s | decode s | rest s "
-          f"| {args.extrapolate} steps est. s | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| framework | clock | total s | setup s | text encode s | sampling s | per step s | decode s | rest s "
+          f"| {args.extrapolate} steps est. s | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for fw, r in result.items():
-        print(f"| {fw} | {r['seconds']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in PHASES)
-              + f" | {r['estimate']:.1f} | {r['peak_rss_gib']:.2f} |")
+        for prefix, clock in (("", "wall"), ("cpu_", "CPU")):
+            print(f"| {fw} | {clock} | {r[prefix + 'seconds']:.1f} | "
+                  + " | ".join(f"{r[prefix + k]:.2f}" for k in PHASES)
+                  + f" | {r[prefix + 'estimate']:.1f} | {r['peak_rss_gib']:.2f} |")
     ours, theirs = result["ours"], result["diffusers"]
-    ratio = {k: ours[k] / theirs[k] if theirs[k] else float("nan") for k in ("seconds", "per_step", "estimate",
-                                                                             "peak_rss_gib", "setup", "decode")}
-    print(f"ours / diffusers: wall {ratio['seconds']:.2f}, per step {ratio['per_step']:.2f}, setup "
-          f"{ratio['setup']:.2f}, decode {ratio['decode']:.2f}, {args.extrapolate}-step estimate "
-          f"{ratio['estimate']:.2f}, peak memory {ratio['peak_rss_gib']:.2f}")
+    for prefix, clock in (("", "wall"), ("cpu_", "CPU")):
+        ratio = {k: ours[prefix + k] / theirs[prefix + k] if theirs[prefix + k] else float("nan")
+                 for k in ("seconds", "per_step", "estimate", "setup", "decode")}
+        print(f"ours / diffusers ({clock}): total {ratio['seconds']:.2f}, per step {ratio['per_step']:.2f}, setup "
+              f"{ratio['setup']:.2f}, decode {ratio['decode']:.2f}, {args.extrapolate}-step estimate "
+              f"{ratio['estimate']:.2f}")
+    print(f"ours / diffusers: peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}")
     return result
 
 

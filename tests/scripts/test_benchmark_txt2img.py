@@ -11,8 +11,14 @@ def test_both_frameworks_run_on_the_same_weights(tmp_path, capsys):
     bench = load_script("benchmark_txt2img")
     result = bench.main(["--tiny", "--size", "32", "--steps", "2", "--workdir", str(tmp_path)])
     assert set(result) == {"ours", "diffusers"}
-    assert all(r["seconds"] > 0 and r["peak_rss_gib"] > 0 for r in result.values())
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak_rss_gib"] > 0 for r in result.values())
+    for r in result.values():  # the phases add up to the run, each was seen by its hooks
+        for clock in ("", "cpu_"):
+            parts = [r[clock + k] for k in ("setup", "text_encode", "sampling", "decode", "rest")]
+            assert sum(parts) == pytest.approx(r[clock + "seconds"]) and min(parts[:4]) > 0
+            assert r[clock + "per_step"] * 2 == pytest.approx(r[clock + "sampling"])
     assert result["ours"]["peak_rss_gib"] != result["diffusers"]["peak_rss_gib"]  # measured per process
     for folder in ("ours/samples", "diffusers"):
         assert Image.open(next((tmp_path / folder).glob("*.png"))).size == (32, 32)
-    assert "ours / diffusers: wall" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ours / diffusers (CPU): total" in out and "ours / diffusers: peak memory" in out
