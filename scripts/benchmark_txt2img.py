@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tiny", action="store_true", help="a tiny SD-like model (checks the script)")
     add("--workdir", type=Path, default=None, help="where the weights go (default: a temporary directory)")
     add("--ours-args", default="", help="extra txt2img.py flags, e.g. '--no-compile'")
+    add("--frameworks", nargs="+", choices=("ours", "diffusers"), default=["ours", "diffusers"],
+        help="which frameworks to run (the ratios need both)")
     add("--worker", choices=("prepare", "ours", "diffusers"), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -101,6 +103,7 @@ class Phases:
         self.first_call: tuple[float, float] | None = None
         self.unet_calls = 0
         self.unet_first: tuple[float, float] | None = None
+        self.unet_first_end: tuple[float, float] | None = None
         self.unet_last: tuple[float, float] | None = None
         self._started: dict[str, tuple[float, float]] = {}
 
@@ -121,22 +124,26 @@ class Phases:
         stamp = now()
         if name == "unet":
             self.unet_calls, self.unet_last = self.unet_calls + 1, stamp
+            self.unet_first_end = self.unet_first_end or stamp
         else:
             for clock in (0, 1):
                 self.seconds[name][clock] += stamp[clock] - self._started[name][clock]
 
     def result(self, start: tuple[float, float], end: tuple[float, float], steps: int) -> dict[str, float]:
         """Seconds of setup (loading and building, until the first watched call), text encoding, sampling (all UNet
-        calls and the sampler between them) and per step, decoding, and the rest (image conversion, saving); wall
-        clock, and CPU time under the same names with a `cpu_` prefix."""
+        calls and the sampler between them), the first step (compiling, when the UNet is compiled) and each later
+        one, decoding, and the rest (image conversion, saving); wall clock, and CPU time under the same names with
+        a `cpu_` prefix. With guidance each step is one UNet call on the doubled batch in both frameworks."""
         out: dict[str, float] = {"unet_calls": self.unet_calls}
         for clock, prefix in ((0, ""), (1, "cpu_")):
             setup = (self.first_call or end)[clock] - start[clock]
             sampling = (self.unet_last or end)[clock] - (self.unet_first or end)[clock]
             text, decode = self.seconds["text_encode"][clock], self.seconds["decode"][clock]
             total = end[clock] - start[clock]
+            first = (self.unet_first_end or end)[clock] - (self.unet_first or end)[clock]
+            later = (sampling - first) / (steps - 1) if steps > 1 else first
             out.update({f"{prefix}seconds": total, f"{prefix}setup": setup, f"{prefix}text_encode": text,
-                        f"{prefix}sampling": sampling, f"{prefix}per_step": sampling / steps,
+                        f"{prefix}sampling": sampling, f"{prefix}first_step": first, f"{prefix}per_step": later,
                         f"{prefix}decode": decode, f"{prefix}rest": total - setup - sampling - text - decode})
         return out
 
@@ -243,7 +250,7 @@ def spawn(args: argparse.Namespace, framework: str, workdir: Path) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-PHASES = ("setup", "text_encode", "sampling", "per_step", "decode", "rest")
+PHASES = ("setup", "text_encode", "sampling", "first_step", "per_step", "decode", "rest")
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -251,7 +258,7 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     returns the medians."""
     if not ((workdir / "model.ckpt").is_file() and (workdir / "config.yaml").is_file()):
         spawn(args, "prepare", workdir)
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}
+    runs: dict[str, list[dict[str, float]]] = {fw: [] for fw in args.frameworks}
     for _ in range(args.repeats):
         for framework in runs:
             runs[framework].append(spawn(args, framework, workdir))
@@ -260,19 +267,22 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result = {fw: {key: statistics.median(r[key] for r in rs) for key in keys} for fw, rs in runs.items()}
     for r in result.values():  # the same run with --extrapolate steps: the fixed costs plus that many steps
         for prefix in ("", "cpu_"):
-            r[f"{prefix}estimate"] = (r[f"{prefix}seconds"] - r[f"{prefix}sampling"]
-                                      + args.extrapolate * r[f"{prefix}per_step"])
+            r[f"{prefix}estimate"] = (r[f"{prefix}seconds"] - r[f"{prefix}sampling"] + r[f"{prefix}first_step"]
+                                      + (args.extrapolate - 1) * r[f"{prefix}per_step"])
     load = os.getloadavg()
     print(f"{'tiny SD-like' if args.tiny else 'SD v1'} txt2img {args.size}x{args.size}, {args.steps} DDIM steps, "
           f"scale {args.scale}, 1 image; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} "
           f"{load[2]:.1f}; median of {args.repeats}")
-    print(f"| framework | clock | total s | setup s | text encode s | sampling s | per step s | decode s | rest s "
-          f"| {args.extrapolate} steps est. s | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| framework | clock | total s | setup s | text encode s | sampling s | first step s | later steps s "
+          f"| decode s | rest s | {args.extrapolate} steps est. s | peak RSS GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for fw, r in result.items():
         for prefix, clock in (("", "wall"), ("cpu_", "CPU")):
             print(f"| {fw} | {clock} | {r[prefix + 'seconds']:.1f} | "
                   + " | ".join(f"{r[prefix + k]:.2f}" for k in PHASES)
                   + f" | {r[prefix + 'estimate']:.1f} | {r['peak_rss_gib']:.2f} |")
+    if len(result) < 2:
+        return result
     ours, theirs = result["ours"], result["diffusers"]
     for prefix, clock in (("", "wall"), ("cpu_", "CPU")):
         ratio = {k: ours[prefix + k] / theirs[prefix + k] if theirs[prefix + k] else float("nan")
