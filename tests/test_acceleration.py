@@ -98,3 +98,12 @@ def test_main_py_speed_flags():
     assert (opt.compile, opt.channels_last) == (True, False)
     opt, _ = main.get_parser().parse_known_args([])
     assert (opt.compile, opt.channels_last) == (None, None)  # lightning.speed decides
+
+
+def test_lightning_speed_is_a_section_main_py_reads(tmp_path):
+    from ldm.training.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {target: torch.nn.Identity}\nlightning: {speed: {channels_last: true}}\n")
+    _, lightning = load_config([str(path)], ["lightning.speed.compile=true"])
+    assert speed_options(lightning, {}) == {"compile": True, "channels_last": True}
