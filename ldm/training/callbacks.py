@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
+from ldm.training.clock import paused as train_clock_paused
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        try:  # sampling must not change the random stream training continues with
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        try:  # sampling must not change the random stream training continues with, nor count as training time
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), train_clock_paused(trainer):
                 images = log_images(batch, split=split, **kwargs)
         finally:
             if was_training:
