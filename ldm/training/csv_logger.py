@@ -5,7 +5,8 @@ directory would lose the curves of every earlier session. `AppendingCSVLogger` k
 and appends; a new column rewrites the file (atomically) with the wider header. Every row carries a `session`
 column (0, then 1 for the first resume, ...): a resumed session starts from a checkpoint, so the rows an earlier
 session logged at or after the step where the new session begins describe training that was abandoned.
-`session_timeline` applies that rule (`scripts/plot_metrics.py` reads the file through it).
+`session_timeline` applies that rule; `read_metrics_csv` reads a file through it into one series per column
+(`scripts/plot_metrics.py` draws them).
 """
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from ldm.training.clock import TRAIN_SECONDS
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
 
 SESSION = "session"
+STEP = "step"
+BOOKKEEPING = ("step", "epoch", SESSION)  # columns that are not metrics
 
 
 def _session_of(row: Mapping[str, Any]) -> int:
@@ -46,6 +52,43 @@ def session_timeline(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any
         current = session
         timeline.append(row)
     return timeline
+
+
+def read_metrics_csv(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every metric column of a metrics.csv as (steps, values) float arrays in timeline order (`session_timeline`).
+
+    Empty cells are skipped; a row with the wrong number of cells (a write cut short) is ignored. Raises
+    ValueError naming the file when it is not a CSV with a `step` column."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        if STEP not in fields:
+            raise ValueError(f"'{path}' is not a metrics CSV: it has no 'step' column (columns: {', '.join(fields)})")
+        rows = [row for row in reader if None not in row and None not in row.values()]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in session_timeline(rows):
+        if row[STEP] == "":
+            continue
+        for key, value in row.items():
+            if key in BOOKKEEPING or value == "":
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(float(row[STEP]))
+            values.append(number)
+    return {key: (np.asarray(s), np.asarray(v)) for key, (s, v) in series.items()}
+
+
+def train_seconds_at(metrics: Mapping[str, tuple[np.ndarray, np.ndarray]], steps: np.ndarray) -> np.ndarray:
+    """The training time (`time/train_seconds`, logged by TrainClock) at `steps`, interpolated between the
+    steps where it was logged (validation and evaluation rows carry a step but no time)."""
+    if TRAIN_SECONDS not in metrics:
+        raise KeyError(TRAIN_SECONDS)
+    known_steps, seconds = metrics[TRAIN_SECONDS]
+    return np.interp(steps, known_steps, seconds)
 
 
 class AppendingExperimentWriter(ExperimentWriter):
