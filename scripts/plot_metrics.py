@@ -17,6 +17,7 @@ import argparse
 import fnmatch
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from ldm.util import atomic_path  # noqa: E402
 DEFAULT_METRICS = ("*loss*", "val/*")
 CSV_IN_RUN = os.path.join("csv", "metrics.csv")
 FORMATS = ("png", "svg", "pdf")
+RUN_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d_")  # main.py's <now>_ prefix
 
 
 @dataclass
@@ -87,20 +89,32 @@ def run_label(path: Path) -> str:
     return path.stem
 
 
+def default_labels(paths: Sequence[Path]) -> list[str]:
+    """The run names, without main.py's timestamp prefix when the names stay distinct, made unique with #2, ..."""
+    names = [run_label(path) for path in paths]
+    short = [RUN_TIMESTAMP.sub("", name) or name for name in names]
+    if len(set(short)) == len(set(names)):
+        names = short
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return labels
+
+
 def load_runs(sources: Sequence[str], labels: Sequence[str] | None) -> list[Run]:
-    """Read every run's CSV; labels default to the run names (made unique with #2, #3, ...)."""
+    """Read every run's CSV; labels default to the run names (`default_labels`)."""
     if labels is not None and len(labels) != len(sources):
         raise ScriptError(f"--labels: got {len(labels)} label(s) for {len(sources)} run(s)")
-    runs, seen = [], {}
-    for i, source in enumerate(sources):
-        path = csv_path(source)
+    paths = [csv_path(source) for source in sources]
+    runs = []
+    for path, label in zip(paths, labels or default_labels(paths)):
         try:
             metrics = read_metrics_csv(path)
         except (ValueError, UnicodeDecodeError, OSError) as err:
             raise ScriptError(str(err).splitlines()[0] if str(err) else f"'{path}' cannot be read") from err
-        label = labels[i] if labels else run_label(path)
-        seen[label] = seen.get(label, 0) + 1
-        runs.append(Run(label if seen[label] == 1 else f"{label} #{seen[label]}", path, metrics))
+        runs.append(Run(label, path, metrics))
     return runs
 
 

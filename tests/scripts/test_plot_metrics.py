@@ -91,3 +91,12 @@ def test_running_mean(plot):
     assert module.running_mean(values, 2).tolist() == [1.0, 2.0, 4.0, 6.0]
     assert module.running_mean(values, 10).tolist() == [1.0, 2.0, 3.0, 4.0]
     assert module.running_mean(values, 1) is values
+
+
+def test_labels_are_run_names_without_the_timestamp_when_they_stay_distinct(tmp_path, plot):
+    a = tmp_path / "2024-01-01T00-00-00_ae-f4" / "csv" / "metrics.csv"
+    b = tmp_path / "2024-01-02T00-00-00_ae-f8" / "csv" / "metrics.csv"
+    c = tmp_path / "2024-01-03T00-00-00_ae-f8" / "metrics.csv"
+    assert plot.default_labels([a, b]) == ["ae-f4", "ae-f8"]
+    assert plot.default_labels([b, c]) == ["2024-01-02T00-00-00_ae-f8", "2024-01-03T00-00-00_ae-f8"]
+    assert plot.default_labels([a, a, tmp_path / "x.csv"]) == ["ae-f4", "ae-f4 #2", "x"]
