@@ -3,15 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# k-diffusion, the samplers' test-only reference, without its dependencies: they pull dctorch, which pins numpy<2 (a
+# downgrade other packages break on), and wandb, accelerate, clean-fid, clip. The tests load only its sampling,
+# external and layers modules (tests/sampling/conftest.py); what those import (scipy, torchdiffeq, torchsde, einops,
+# and dctorch, itself installed without its numpy pin) is in the test extra of setup.py or installed here.
+KDIFFUSION_PINS := k-diffusion==0.1.1.post1 dctorch==0.1.2
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install test bench demo clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(KDIFFUSION_PINS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -22,15 +22,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
+from ldm.errors import UserError
 from ldm.training.config import (LOGDIR_ENV, RunDir, UsageError, drop_manual_optimization_options, learning_rate,
                                  load_config, resolve_run, split_base_and_overrides, str2bool, trainer_options)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
 from ldm.training.trainer import build_trainer
-from ldm.util import CheckpointError, ConfigError, instantiate_from_config
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger("main")
 
-USER_ERRORS = (UsageError, ConfigError, CheckpointError)
+USER_ERRORS = (UserError,)  # every user mistake (UsageError, ConfigError, CheckpointError, ...) derives from it
 BOOL_FLAGS = {"-t": "--train", "--train": "--train", "--no-test": "--no-test", "-d": "--debug",
               "--debug": "--debug", "--scale_lr": "--scale_lr"}
 BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
@@ -140,8 +141,10 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
     emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"))
     trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
     if opt.train:
-        model.learning_rate, rule = learning_rate(config, trainer.accumulate_grad_batches, trainer.num_devices,
-                                                  trainer.num_nodes, opt.scale_lr)
+        accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
+            else trainer.accumulate_grad_batches
+        model.learning_rate, rule = learning_rate(config, accumulate, trainer.num_devices, trainer.num_nodes,
+                                                  opt.scale_lr)
         logger.info(rule)
     return run, model, data, trainer, emergency
 

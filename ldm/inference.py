@@ -26,21 +26,22 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
-from ldm.training.config import UsageError, load_config
-from ldm.util import CheckpointError, ConfigError, atomic_path, load_model_from_config
+from ldm.errors import UserError
+from ldm.training.config import load_config
+from ldm.util import atomic_path, load_model_from_config
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLERS = ("ddim", "plms", "dpm")
 PRECISIONS = ("autocast", "full", "bf16")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError):
     """A user mistake in a script's flags or inputs; printed as one line `error: ...`, exit status 2."""
 
 
-USER_ERRORS = (ScriptError, UsageError, ConfigError, CheckpointError)
+# what run_cli and the web UI catch: every user mistake derives from ldm.errors.UserError
+USER_ERRORS = (UserError,)
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Any],
@@ -51,9 +52,19 @@ def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace]
         body(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        # the command line's own output (as argparse writes its usage errors), not a log record
+        sys.stderr.write(f"error: {message}\n")
         return 2
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    """`SAMPLERS`: the names of the sampler registry (ldm.sampling.SAMPLERS) as a tuple, read when asked for."""
+    if name == "SAMPLERS":
+        from ldm.sampling import SAMPLERS as REGISTRY
+
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def configure_logging() -> None:
@@ -93,9 +104,14 @@ def read_prompt_flags(args: argparse.Namespace) -> list[str]:
     """The prompts of --from-file, else [--prompt] (which must not be empty)."""
     if args.from_file:
         return read_prompts(args.from_file)
-    if not (args.prompt or "").strip():
-        raise ScriptError("--prompt is empty; give a prompt (or --from-file)")
-    return [args.prompt]
+    return [check_prompt(args.prompt)]
+
+
+def check_prompt(prompt: str | None, alternative: str = " (or --from-file)") -> str:
+    """The prompt, which must not be empty (`alternative` names what may be given instead)."""
+    if not (prompt or "").strip():
+        raise ScriptError(f"--prompt is empty; give a prompt{alternative}")
+    return prompt
 
 
 def check_latent_flags(args: argparse.Namespace, model: Any) -> None:
@@ -122,11 +138,54 @@ def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: 
     add("--skip_save", action="store_true", help="do not write the individual samples")
 
 
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """--sampler NAME (any of ldm.sampling.SAMPLERS), --plms and --dpm/--dpm_solver (the original flags, aliases),
+    --schedule (the noise-level spacing), --eta and --guidance_rescale."""
+    from ldm.sampling import ALIASES, SAMPLERS as REGISTRY
+    from ldm.sampling.schedule import SPACINGS
+
+    add = parser.add_argument
+    add("--sampler", default=None, choices=(*REGISTRY, *ALIASES), metavar="NAME",
+        help=f"the sampler: {', '.join(REGISTRY)} (default: ddim; see the README's Samplers table)")
+    add("--plms", action="store_true", help="PLMS sampling (--sampler plms)")
+    add("--dpm", "--dpm_solver", dest="dpm", action="store_true",
+        help="DPM-Solver++(2M) with the timesteps of the original --dpm (the DPMSolverSampler class)")
+    add("--schedule", dest="spacing", choices=SPACINGS, default=None,
+        help="noise-level spacing (default: the sampler's): karras, exponential, trailing, ...")
+    add("--eta", type=float, default=None,
+        help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
+    add("--guidance_rescale", type=float, default=0.0,
+        help="rescale classifier-free guidance towards the conditional std (Lin et al. 2023; 0: off, 0.7 typical)")
+
+
 def sampler_name(args: argparse.Namespace) -> str:
-    """ddim, plms or dpm from the flags."""
-    if args.plms and args.dpm:
+    """The sampler the flags ask for: --sampler, --plms ("plms") or --dpm ("dpm"), default ddim."""
+    chosen = [name for name, flag in (("plms", getattr(args, "plms", False)), ("dpm", getattr(args, "dpm", False)))
+              if flag]
+    if len(chosen) > 1:
         raise ScriptError("--plms and --dpm exclude each other")
-    return "plms" if args.plms else "dpm" if args.dpm else "ddim"
+    if getattr(args, "sampler", None) and chosen:
+        raise ScriptError(f"--sampler {args.sampler} and --{chosen[0]} exclude each other")
+    return getattr(args, "sampler", None) or (chosen[0] if chosen else "ddim")
+
+
+def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
+    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
+    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+
+
+def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
+    """`eta` when given, else `ddim_eta` for ddim (or for any sampler when it is not 0), else None (the sampler's own
+    default: 1 for the ancestral samplers). The scripts' --eta / --ddim_eta and the web UI's eta follow this rule."""
+    if eta is not None:
+        return eta
+    return ddim_eta if name == "ddim" or ddim_eta else None
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """make_sampler's options from the flags (the spacing of --schedule)."""
+    spacing = getattr(args, "spacing", None)
+    return {"spacing": spacing} if spacing else {}
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -246,6 +305,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_seeds(first: int, count: int) -> list[int]:
+    """The seeds of `count` consecutive samples starting at `first`: sample k has its own seed first + k."""
+    return [first + k for k in range(count)]
+
+
 def image_multiple(model: Any) -> int:
     """Image sides must be multiples of this: the first stage's downsampling times the UNet's."""
     first = 2 ** int(getattr(model, "num_downs", 0) or 0)
@@ -269,10 +333,11 @@ def check_size(height: int, width: int, multiple: int, flags: tuple[str, str] = 
 
 # ----------------------------------------------------------------------------------------- conditioning
 def is_text_model(model: Any) -> bool:
-    """Whether the model is conditioned on captions."""
+    """Whether the model is conditioned on captions alone (one caption key, read by its cond stage(s))."""
     from ldm.models.diffusion.latent_diffusion import TEXT_KEYS
 
-    return is_conditional(model) and getattr(model, "cond_stage_key", None) in TEXT_KEYS
+    keys = set(getattr(model, "conditioning_input_keys", ()))
+    return is_conditional(model) and len(keys) == 1 and keys <= set(TEXT_KEYS)
 
 
 def is_class_model(model: Any) -> bool:
@@ -287,17 +352,29 @@ def is_conditional(model: Any) -> bool:
     return getattr(getattr(model, "model", None), "conditioning_key", None) is not None
 
 
-def text_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for captions; uc is the empty caption when scale != 1, else None."""
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+def text_conditioning(model: Any, prompts: Sequence[str], scale: float, negative_prompt: str = "") -> tuple[Any, Any]:
+    """(c, uc) role dicts for captions; uc (None when scale == 1) is the negative prompt's conditioning, or with no
+    negative prompt the model's null (the empty caption for a single text encoder)."""
+    key = model.conditioning_input_keys[0]
+    c, uc = guidance_pair(model, {key: list(prompts)}, len(prompts), scale)
+    if uc is not None and negative_prompt:
+        uc = model.get_conditioning({key: [negative_prompt] * len(prompts)})
     return c, uc
 
 
-def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
+def guidance_pair(model: Any, inputs: Mapping[str, Any], batch_size: int, scale: float) -> tuple[Any, Any]:
+    """(c, uc) role dicts for raw conditioning inputs keyed by batch key; uc (None when scale == 1) is the
+    model's null conditioning for classifier-free guidance."""
+    c = model.get_conditioning(inputs)
+    uc = model.guidance_unconditional(c, batch_size, inputs=inputs) if scale != 1.0 else None
+    return c, uc
+
+
+def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float,
+                        negative_prompt: str = "") -> tuple[Any, Any]:
     """(c, uc) for a text model, (None, None) for an unconditional one; other conditionings are a user error."""
     if is_text_model(model):
-        return text_conditioning(model, prompts, scale)
+        return text_conditioning(model, prompts, scale, negative_prompt)
     if not is_conditional(model):
         return None, None
     raise ScriptError(f"the model is conditioned on '{getattr(model, 'cond_stage_key', None)}', not on text; "
@@ -305,42 +382,47 @@ def prompt_conditioning(model: Any, prompts: Sequence[str], scale: float) -> tup
 
 
 def class_conditioning(model: Any, labels: Sequence[int], scale: float) -> tuple[Any, Any]:
-    """(c, uc) for class labels; uc is the null class when scale != 1, else None."""
+    """(c, uc) role dicts for class labels; uc is the null class when scale != 1, else None."""
     embedder = model.cond_stage_model
     key = getattr(embedder, "key", model.cond_stage_key)
     n_classes = getattr(embedder, "n_classes", None)
     if n_classes is not None and any(not 0 <= int(label) < n_classes for label in labels):
         raise ScriptError(f"--classes: labels must lie in [0, {n_classes - 1}], got {list(labels)}")
-    c = model.get_learned_conditioning({key: torch.tensor([int(x) for x in labels], device=model.device)})
-    uc = None
-    if scale != 1.0:
-        uc = model.get_unconditional_conditioning(len(labels))
-        uc = model.get_learned_conditioning(uc) if isinstance(uc, Mapping) else uc
-    return c, uc
+    inputs = {key: torch.tensor([int(x) for x in labels], device=model.device)}
+    return guidance_pair(model, inputs, len(labels), scale)
 
 
 # ----------------------------------------------------------------------------------------- samplers
-def make_sampler(name: str, model: Any) -> Any:
-    """DDIMSampler, PLMSSampler or DPMSolverSampler for `model`."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-    from ldm.models.diffusion.plms import PLMSSampler
+def make_sampler(name: str, model: Any, **options: Any) -> Any:
+    """The sampler object of a registered name (or alias: "dpm"): DDIMSampler, PLMSSampler, DPMSolverSampler or
+    ldm.models.diffusion.sampler.Sampler; `options` (spacing, final, sampler options) go to its constructor."""
+    from ldm.models.diffusion.sampler import make_sampler as build
 
-    return {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm": DPMSolverSampler}[name](model)
-
-
-def check_steps(sampler_name: str, steps: int, eta: float, model: Any) -> None:
-    """Steps and eta the sampler accepts, checked before anything runs."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-
-    if sampler_name == "plms" and eta != 0:
-        raise ScriptError(f"--ddim_eta {eta}: PLMS is deterministic and needs eta 0")
-    if sampler_name == "dpm":
-        if not 1 <= steps <= model.num_timesteps:
-            raise ScriptError(f"--steps {steps} must lie in [1, {model.num_timesteps}]")
-        return
     try:
-        DDIMSampler(model).make_schedule(steps, ddim_eta=eta, verbose=False)
+        return build(name, model, **options)
+    except ValueError as err:
+        raise ScriptError(f"--sampler {name}: {err}") from err
+
+
+def check_steps(sampler_name: str, steps: int, eta: float | None, model: Any, **options: Any) -> None:
+    """Steps and eta the sampler accepts, checked before anything runs (`options` as for make_sampler)."""
+    import inspect
+
+    from ldm.sampling import sampler_spec
+
+    try:
+        spec = sampler_spec(sampler_name)
+    except ValueError as err:
+        raise ScriptError(f"--sampler: {err}") from err
+    if eta and "eta" not in inspect.signature(spec.fn).parameters:
+        if sampler_name == "plms":
+            raise ScriptError(f"--ddim_eta {eta}: PLMS is deterministic and needs eta 0")
+        raise ScriptError(f"--eta {eta}: sampler '{sampler_name}' draws no noise; eta applies to ddim and the "
+                          "ancestral samplers")
+    sampler = make_sampler(sampler_name, model, **options)
+    try:
+        sampler.prepare(steps, eta or 0.0, False)
+        sampler.make_sigmas(steps)
     except ValueError as err:
         raise ScriptError(f"--steps {steps}: {err}") from err
 
@@ -442,32 +524,32 @@ def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metada
     return path
 
 
-def sample_prompts(args: argparse.Namespace, prompts: Sequence[str], common: Mapping[str, Any],
-                   sample_batch: Callable[[list[str], list[int]], torch.Tensor]) -> list[str]:
-    """Run `sample_batch(prompts, seeds) -> images in [-1, 1]` over the prompts --n_iter times; write the samples
-    and the grid (unless --skip_save / --skip_grid) with metadata; returns the written paths.
+def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
+                   sample_batch: Callable[[list[str], list[int]], Any]) -> list[str]:
+    """Run `sample_batch(prompts, seeds)` (an `ldm.pipelines` task: images in [-1, 1] and their metadata) over the
+    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid); returns the paths.
 
     One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
     original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
-    (`--seed + k` with --fixed_code).
+    (`--seed + k` with --fixed_code). The grid has the first sample's metadata with all prompts and seeds.
     """
     batches = [list(prompts) * args.n_samples] if len(prompts) == 1 else list(batched(prompts, args.n_samples))
-    written, all_images, all_seeds = [], [], []
+    written, all_images, all_seeds, first_meta = [], [], [], {}
     for n in trange(args.n_iter, desc="Sampling"):
         for b, batch in enumerate(batches):
             first = args.seed if args.fixed_code else args.seed + (n * len(batches) + b) * args.n_samples
-            seeds = [first + k for k in range(len(batch))]
-            images = sample_batch(batch, seeds).detach().float().clamp(-1, 1).cpu()
+            seeds = sample_seeds(first, len(batch))
+            samples = sample_batch(batch, seeds)
             if not args.skip_save:
-                meta = [sample_metadata(prompt=p, seed=s, **common) for p, s in zip(batch, seeds)]
-                written += save_samples(images, os.path.join(args.outdir, "samples"), meta)
-            all_images.append(images)
+                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
+            all_images.append(samples.images)
             all_seeds += seeds
+            first_meta = first_meta or samples.metadata[0]
     if not args.skip_grid:
-        grid_meta = sample_metadata(prompt=prompts[0] if len(prompts) == 1 else repr(list(prompts)),
-                                    seed=repr(all_seeds), **common)
+        grid_meta = {**first_meta, "prompt": prompts[0] if len(prompts) == 1 else repr(list(prompts)),
+                     "seed": repr(all_seeds)}
         written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 
 

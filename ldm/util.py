@@ -7,8 +7,10 @@ import inspect
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from ldm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +19,7 @@ FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config could not be turned into an object; the message names the config key and what was expected."""
 
 
@@ -140,6 +142,21 @@ def default(val: Any, d: Any) -> Any:
     return d() if callable(d) else d
 
 
+def disabled_train(self: Any, mode: bool = True) -> Any:
+    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
+    return self
+
+
+def freeze_module(module: Any) -> Any:
+    """Hold a torch module frozen, as the original holds its first and cond stages: eval mode for good (its
+    `train` is replaced) and requires_grad=False for every parameter. Returns the module."""
+    module.eval()
+    module.train = disabled_train.__get__(module)
+    for param in module.parameters():
+        param.requires_grad = False
+    return module
+
+
 def fused_adam_kwargs(params: Sequence[Any]) -> dict[str, bool]:
     """`{"fused": True}` when torch has a fused Adam/AdamW kernel for every parameter (floating point, on CPU or
     CUDA): one kernel for all tensors instead of a Python loop (44 -> 12 ms a step for 4.4 M parameters in 305
@@ -149,7 +166,7 @@ def fused_adam_kwargs(params: Sequence[Any]) -> dict[str, bool]:
     return {"fused": True} if fusable else {}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable or refused; the message names the file."""
 
 
@@ -269,7 +286,8 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     `ckpt` is a Lightning .ckpt, a bare state dict or a .safetensors file, read with `weights_only` (a pickle
     that would run code is refused unless `weights_only=False`). `use_ema` loads the EMA weights (`model_ema.*`)
     into the model. `params.ckpt_path` entries in the config are not read: the checkpoint holds the whole model.
-    Missing and unexpected keys are logged (and printed when `verbose`). `device=None` picks CUDA when available.
+    Missing and unexpected keys are logged as warnings (`verbose` is kept for the original signature; nothing is
+    printed). `device=None` picks CUDA when available.
     """
     import torch
 
@@ -277,8 +295,6 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     state, meta = read_checkpoint(ckpt, weights_only=weights_only)
     if "global_step" in meta:
         logger.info("Global Step: %d", meta["global_step"])
-        if verbose:
-            print(f"Global Step: {meta['global_step']}")
     has_ema = any(key.startswith("model_ema.") for key in state)
     if use_ema:
         state = ema_state_dict(state, ckpt)
@@ -300,9 +316,6 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     for kind, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             logger.warning("%d %s keys loading %s: %s", len(keys), kind, ckpt, keys)
-            if verbose:
-                print(f"{kind} keys:")
-                print(keys)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(torch.device(device)).eval()
@@ -329,3 +342,163 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers of the original `ldm.util` (tensor kinds, caption images, parallel prefetching)
+# ---------------------------------------------------------------------------------------------
+def ismap(x: Any) -> bool:
+    """True for a batch of many-channel maps: a 4-d tensor with more than 3 channels (e.g. one-hot segmentations)."""
+    import torch
+
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] > 3
+
+
+def isimage(x: Any) -> bool:
+    """True for a batch of images: a 4-d tensor with 1 (grey) or 3 (RGB) channels."""
+    import torch
+
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] in (1, 3)
+
+
+def mean_flat(tensor: Any) -> Any:
+    """Mean over all non-batch dimensions: (B, ...) -> (B,)."""
+    return tensor.mean(dim=list(range(1, tensor.dim())))
+
+
+# Where the caption font is looked for, first match wins: the original's data/DejaVuSans.ttf (relative to the working
+# directory), then DejaVu Sans by name (FreeType's search of the system font folders, e.g. Debian's fonts-dejavu-core),
+# then the copy matplotlib ships; Pillow's built-in scalable font when none of them can be opened.
+CAPTION_FONTS = ("data/DejaVuSans.ttf", "DejaVuSans.ttf")
+
+
+def _matplotlib_dejavu() -> str | None:
+    """The DejaVuSans.ttf that matplotlib ships, when matplotlib is installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    return path if os.path.isfile(path) else None
+
+
+def caption_font(size: int) -> Any:
+    """The font log_txt_as_img draws with, at `size` points (see CAPTION_FONTS)."""
+    from PIL import ImageFont
+
+    candidates = [*CAPTION_FONTS, _matplotlib_dejavu()]
+    for candidate in filter(None, candidates):
+        try:
+            return ImageFont.truetype(candidate, size=size)
+        except OSError:
+            continue
+    logger.debug("no DejaVu Sans font found (%s); captions use Pillow's built-in font", candidates)
+    return ImageFont.load_default(size=size)
+
+
+def log_txt_as_img(wh: tuple[int, int], xc: Sequence[str], size: int = 10) -> Any:
+    """Captions drawn black on white, one image each: a float tensor (B, 3, H, W) in [-1, 1].
+
+    `wh` is (width, height); text is cut into lines of int(40 * width / 256) characters, as the original did.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    width, _ = wh
+    font = caption_font(size)
+    per_line = max(1, int(40 * (width / 256)))
+    images = []
+    for text in xc:
+        canvas = Image.new("RGB", tuple(wh), color="white")
+        lines = "\n".join(text[start:start + per_line] for start in range(0, len(text), per_line))
+        ImageDraw.Draw(canvas).text((0, 0), lines, fill="black", font=font)
+        images.append(np.asarray(canvas).transpose(2, 0, 1) / 127.5 - 1.0)
+    return torch.tensor(np.stack(images), dtype=torch.float32)
+
+
+def _prefetch_worker(func: Any, queue: Any, part: Any, index: int, pass_worker_id: bool) -> None:
+    """Run `func` on one part and put (index, result) — or (index, error text) — then 'Done' on the queue."""
+    try:
+        result = func(part, worker_id=index) if pass_worker_id else func(part)
+        queue.put((index, True, result))
+    except Exception as err:  # noqa: BLE001 - reported to the caller, which raises it
+        queue.put((index, False, f"{type(err).__name__}: {err}"))
+    queue.put("Done")
+
+
+def _split_for_prefetch(data: Any, n_proc: int, target_data_type: str) -> list:
+    """`data` as n_proc parts: np.array_split for arrays; equal slices (the last one shorter) for lists."""
+    import numpy as np
+
+    if target_data_type == "ndarray":
+        return list(np.array_split(data, n_proc))
+    step = max(1, -(-len(data) // n_proc))  # ceil, as the original
+    return [data[i:i + step] for i in range(0, len(data), step)]
+
+
+def parallel_data_prefetch(func: Any, data: Any, n_proc: int, target_data_type: str = "ndarray",
+                           cpu_intensive: bool = True, use_worker_id: bool = False) -> Any:
+    """Apply `func` to `n_proc` parts of `data` in parallel and join the results in order.
+
+    Processes when `cpu_intensive`, threads otherwise. `data` is an array or any iterable (a dict gives its values);
+    with target_data_type 'ndarray' the parts come from np.array_split and the results are concatenated along axis 0,
+    with 'list' the results are joined into one list; any other type returns the list of per-part results.
+    `use_worker_id` passes `worker_id=<part index>` to `func`. A part that raises ends the call with a RuntimeError
+    naming the part (the original waited forever).
+    """
+    import multiprocessing
+    import queue as queue_module
+    import threading
+    import time
+
+    import numpy as np
+
+    if not isinstance(n_proc, int) or n_proc < 1:
+        raise ValueError(f"parallel_data_prefetch: n_proc must be a positive integer, got {n_proc!r}")
+    if isinstance(data, np.ndarray) and target_data_type == "list":
+        raise ValueError("parallel_data_prefetch: target_data_type='list' expected but data is an ndarray")
+    if not isinstance(data, np.ndarray):
+        if not isinstance(data, Iterable):
+            raise TypeError(f"parallel_data_prefetch: data must be an np.ndarray or an iterable, got {type(data).__name__}")
+        if isinstance(data, Mapping):
+            logger.warning("parallel_data_prefetch: data is a dict; using its values and ignoring its keys")
+            data = list(data.values())
+        data = np.asarray(data) if target_data_type == "ndarray" else list(data)
+    parts = _split_for_prefetch(data, n_proc, target_data_type)
+    if cpu_intensive:
+        results_queue, worker = multiprocessing.Queue(1000), multiprocessing.Process
+    else:
+        results_queue, worker = queue_module.Queue(1000), threading.Thread
+    workers = [worker(target=_prefetch_worker, args=(func, results_queue, part, i, use_worker_id))
+               for i, part in enumerate(parts)]
+    logger.info("parallel_data_prefetch: %d parts on %d %s", len(parts), len(workers),
+                "processes" if cpu_intensive else "threads")
+    start, gathered, failures, done = time.time(), [None] * len(parts), [], 0
+    try:
+        for w in workers:
+            w.start()
+        while done < len(workers):
+            message = results_queue.get()
+            if message == "Done":
+                done += 1
+            elif message[1]:
+                gathered[message[0]] = message[2]
+            else:
+                failures.append(f"part {message[0]}: {message[2]}")
+    except BaseException:
+        for w in workers:
+            if cpu_intensive:
+                w.terminate()
+        raise
+    finally:
+        for w in workers:
+            w.join()
+        logger.info("parallel_data_prefetch: done in %.2f s", time.time() - start)
+    if failures:
+        raise RuntimeError(f"parallel_data_prefetch: {func!r} failed on " + "; ".join(sorted(failures)))
+    if target_data_type == "ndarray":
+        return np.concatenate([np.asarray(r) for r in gathered], axis=0)
+    if target_data_type == "list":
+        return [item for r in gathered for item in r]
+    return gathered

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesValidation, caption_of  # noqa: E402
 from ldm.evaluation.shapes import autoencoder_scores, caption_adherence  # noqa: E402
-from ldm.inference import to_uint8  # noqa: E402
+from ldm.inference import text_conditioning, to_uint8  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.util import atomic_path, instantiate_from_config, load_state_dict  # noqa: E402
 
@@ -166,8 +166,7 @@ def sample_captions(model: Any, captions: Sequence[str], seeds: Sequence[int], s
     with model.ema_scope():
         for start in range(0, len(captions), batch_size):
             caps, batch_seeds = list(captions[start:start + batch_size]), list(seeds[start:start + batch_size])
-            c = model.get_learned_conditioning(caps)
-            uc = model.get_learned_conditioning([""] * len(caps))
+            c, uc = text_conditioning(model, caps, scale)
             z, _ = sampler.sample(S=steps, batch_size=len(caps), shape=shape, conditioning=c, eta=0.0,
                                   unconditional_guidance_scale=scale, unconditional_conditioning=uc,
                                   seeds=batch_seeds, verbose=False)

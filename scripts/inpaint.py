@@ -20,7 +20,6 @@ import glob
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,25 +27,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.pipelines import Inpaint, InpaintInput, inpaint_input  # noqa: E402
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v2-inpainting-inference.yaml"
 DEFAULT_CKPT = "models/ldm/inpainting/512-inpainting-ema.ckpt"
-
-
-@dataclass
-class Job:
-    """One image with its mask (1 = fill in), both (1, C, H, W) on the device."""
-
-    name: str
-    image_path: str
-    mask_path: str
-    image: torch.Tensor
-    mask: torch.Tensor
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -89,55 +76,10 @@ def find_pairs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def read_jobs(pairs: Sequence[tuple[str, str, str]], multiple: int, device: torch.device) -> list[Job]:
+def read_jobs(pairs: Sequence[tuple[str, str, str]], multiple: int, device: torch.device) -> list[InpaintInput]:
     """Read every image and mask before anything is sampled; sizes must agree and fit the model."""
-    jobs = []
-    for name, image_path, mask_path in pairs:
-        image = inf.read_image(image_path, "--image")
-        mask = inf.read_image(mask_path, "--mask", mode="L")
-        if image.size != mask.size:
-            raise inf.ScriptError(f"--mask: '{mask_path}' is {mask.size[0]}x{mask.size[1]} but its image "
-                                  f"'{image_path}' is {image.size[0]}x{image.size[1]}; they must be the same size")
-        if image.size[0] % multiple or image.size[1] % multiple:
-            raise inf.ScriptError(f"--image: '{image_path}' is {image.size[0]}x{image.size[1]}; both sides must be "
-                                  f"multiples of {multiple}, the model's downsampling factor")
-        jobs.append(Job(name, image_path, mask_path, inf.image_to_tensor(image, device),
-                        inf.mask_to_tensor(mask, device)))
-    return jobs
-
-
-def kind_of(model: object) -> str:
-    """'inpainting' (mask and masked image concatenated, SD 2), 'ldm-inpainting' (latent-diffusion's concat
-    model on the first stage) or 'sampler-mask' (any other model)."""
-    if hasattr(model, "concat_conditioning") and getattr(model, "masked_image_key", None):
-        return "inpainting"
-    if model.model.conditioning_key == "concat" and model.cond_stage_model is model.first_stage_model:
-        return "ldm-inpainting"
-    return "sampler-mask"
-
-
-def inpaint_latent(model: object, sampler: DDIMSampler, job: Job, args: argparse.Namespace, seed: int,
-                   kind: str) -> torch.Tensor:
-    """The sampled latent for one job."""
-    masked = job.image * (1 - job.mask)
-    factor = inf.first_stage_factor(model)
-    size = (job.image.shape[2] // factor, job.image.shape[3] // factor)
-    shape = (model.channels, *size)
-    sample = dict(sampler=sampler, steps=args.steps, scale=args.scale, eta=args.ddim_eta, shape=shape, seeds=[seed])
-    if kind == "ldm-inpainting":  # latent-diffusion's inpaint.py: masked image through the first stage, then mask
-        c = model.get_learned_conditioning(masked)
-        c = torch.cat([c, F.interpolate(job.mask, size=c.shape[-2:])], dim=1)
-        return inf.sample_latents(c=c, uc=None, **{**sample, "scale": 1.0})
-    c, uc = inf.prompt_conditioning(model, [args.prompt], args.scale)
-    if kind == "inpainting":
-        batch = {"mask": job.mask.permute(0, 2, 3, 1), model.masked_image_key: masked.permute(0, 2, 3, 1)}
-        cc = model.concat_conditioning(batch, size, 1)
-        cond = {"c_concat": [cc], "c_crossattn": [c]}
-        uncond = None if uc is None else {"c_concat": [cc], "c_crossattn": [uc]}
-        return inf.sample_latents(c=cond, uc=uncond, **sample)
-    known = 1.0 - inf.downsample_mask(job.mask, factor)  # the samplers keep x0 where mask == 1
-    x0 = inf.encode_image(model, job.image)
-    return inf.sample_latents(c=c, uc=uc, mask=known, x0=x0, **sample)
+    return [inpaint_input(inf.read_image(image_path, "--image"), inf.read_image(mask_path, "--mask", mode="L"),
+                          image_path, mask_path, multiple, device) for _, image_path, mask_path in pairs]
 
 
 def generate(args: argparse.Namespace) -> list[str]:
@@ -146,24 +88,16 @@ def generate(args: argparse.Namespace) -> list[str]:
     pairs = find_pairs(args)
     model, device, ckpt = inf.load_from_args(args)
     jobs = read_jobs(pairs, inf.image_multiple(model), device)
-    inf.check_steps("ddim", args.steps, args.ddim_eta, model)
+    task = Inpaint(model, ckpt, steps=args.steps, scale=args.scale, eta=args.ddim_eta, prompt=args.prompt,
+                   precision=args.precision)
     if not args.prompt and inf.is_text_model(model):
         print("note: --prompt is empty; the model fills the region unconditionally")
-    kind = kind_of(model)
-    sampler = DDIMSampler(model)
     written = []
-    with torch.no_grad(), inf.autocast(args.precision, device):
-        for i, job in enumerate(tqdm(jobs, desc="Inpainting")):
-            seed = args.seed + i
-            predicted = model.decode_first_stage(inpaint_latent(model, sampler, job, args, seed, kind))
-            result = (1 - job.mask) * job.image + job.mask * predicted.float().clamp(-1, 1)
-            meta = inf.sample_metadata(prompt=args.prompt, seed=seed, sampler="ddim", steps=args.steps,
-                                       scale=args.scale, eta=args.ddim_eta, mode=kind,
-                                       image=os.path.basename(job.image_path), mask=os.path.basename(job.mask_path),
-                                       checkpoint=inf.checkpoint_label(ckpt))
-            path = os.path.join(args.outdir, job.name)
-            inf.save_png(inf.to_uint8(result)[0], path, meta)
-            written.append(path)
+    for i, ((name, _, _), job) in enumerate(zip(pairs, tqdm(jobs, desc="Inpainting"))):
+        samples = task(job, args.seed + i)
+        path = os.path.join(args.outdir, name)
+        inf.save_png(inf.to_uint8(samples.images)[0], path, samples.metadata[0])
+        written.append(path)
     print(f"Inpainted {len(written)} image(s) into {args.outdir}")
     return written
 

@@ -24,11 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.sampling.noise import SeededNoise  # noqa: E402
+from ldm.pipelines import SuperRes  # noqa: E402
 
 DEFAULT_CONFIG = "configs/stable-diffusion/x4-upscaling.yaml"
 DEFAULT_CKPT = "models/ldm/x4-upscaler/x4-upscaler-ema.ckpt"
@@ -50,65 +49,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def kind_of(model: object, ckpt: str) -> str:
-    """'upscaler' (LatentUpscaleDiffusion) or 'concat' (latent-diffusion SR); anything else is a user error."""
-    if hasattr(model, "low_scale_model"):
-        return "upscaler"
-    if getattr(model.model, "conditioning_key", None) == "concat" and model.cond_stage_model is not None:
-        return "concat"
-    raise inf.ScriptError(f"the model of '{ckpt}' is not a super-resolution model: expected LatentUpscaleDiffusion "
-                          "or a LatentDiffusion with conditioning_key concat on an image")
-
-
-def conditioning(model: object, kind: str, low: torch.Tensor, args: argparse.Namespace,
-                 seed: int) -> tuple[object, object, float, tuple[int, int]]:
-    """(c, uc, guidance scale, latent size) for one low-resolution image in [-1, 1]."""
-    if kind == "concat":
-        c = model.get_learned_conditioning(low)
-        expected = getattr(model.model.diffusion_model, "in_channels", model.channels + c.shape[1])
-        if model.channels + c.shape[1] != expected:
-            raise inf.ScriptError(f"the model's UNet takes {expected} input channels, not {model.channels} latent + "
-                                  f"{c.shape[1]} conditioning channels: it is not an image-concat SR model")
-        return c, None, 1.0, tuple(c.shape[-2:])
-    max_level = getattr(model.low_scale_model, "max_noise_level", None)
-    if not 0 <= args.noise_level < (max_level or model.low_scale_model.num_timesteps):
-        raise inf.ScriptError(f"--noise_level must lie in [0, {max_level}), got {args.noise_level}")
-    level = torch.full((low.shape[0],), args.noise_level, dtype=torch.long, device=low.device)
-    noise = SeededNoise([seed], low.device).randn(low.shape)
-    augmented, level = model.low_scale_model(low, noise_level=level, noise=noise)
-    text, text_uc = inf.prompt_conditioning(model, [args.prompt], args.scale)
-    c = {"c_concat": [augmented], "c_crossattn": [text], "c_adm": level}
-    uc = None if text_uc is None else {"c_concat": [augmented], "c_crossattn": [text_uc], "c_adm": level}
-    return c, uc, args.scale, tuple(augmented.shape[-2:])
-
-
 def generate(args: argparse.Namespace) -> list[str]:
     """Upscale every image; returns the written paths."""
     inf.check_counts(args)
-    model, device, ckpt = inf.load_from_args(args)
-    kind = kind_of(model, ckpt)
-    lows = [(path, inf.image_to_tensor(inf.read_image(path, "--image"), device)) for path in args.image]
-    inf.check_steps("ddim", args.steps, args.ddim_eta, model)
-    sampler = inf.make_sampler("ddim", model)
-    unet_multiple = inf.image_multiple(model) // inf.first_stage_factor(model)
+    model, _, ckpt = inf.load_from_args(args)
+    task = SuperRes(model, ckpt, steps=args.steps, scale=args.scale, eta=args.ddim_eta, prompt=args.prompt,
+                    noise_level=args.noise_level, precision=args.precision)
+    lows = [(path, inf.read_image(path, "--image")) for path in args.image]
+    prepared = [task.prepare(low, path, args.seed + i) for i, (path, low) in enumerate(lows)]  # all checked first
     written = []
-    with torch.no_grad(), inf.autocast(args.precision, device):
-        prepared = [(path, *conditioning(model, kind, low, args, args.seed + i)) for i, (path, low) in enumerate(lows)]
-        for path, _, _, _, size in prepared:  # every input checked before anything is sampled
-            if size[0] % unet_multiple or size[1] % unet_multiple:
-                raise inf.ScriptError(f"--image: '{path}' gives a {size[0]}x{size[1]} latent; its sides must be "
-                                      f"multiples of {unet_multiple} (the UNet's downsampling)")
-        for i, (path, c, uc, scale, size) in enumerate(tqdm(prepared, desc="Upscaling")):
-            seed = args.seed + i
-            z = inf.sample_latents(sampler, args.steps, c, uc, scale, args.ddim_eta, (model.channels, *size), [seed])
-            image = model.decode_first_stage(z).float().clamp(-1, 1)
-            meta = inf.sample_metadata(prompt=args.prompt if kind == "upscaler" else None, seed=seed, sampler="ddim",
-                                       steps=args.steps, scale=scale, eta=args.ddim_eta, mode=kind,
-                                       noise_level=args.noise_level if kind == "upscaler" else None,
-                                       image=os.path.basename(path), checkpoint=inf.checkpoint_label(ckpt))
-            out = os.path.join(args.outdir, Path(path).stem + ".png")
-            inf.save_png(inf.to_uint8(image)[0], out, meta)
-            written.append(out)
+    for item in tqdm(prepared, desc="Upscaling"):
+        samples = task(item)
+        out = os.path.join(args.outdir, Path(item.path).stem + ".png")
+        inf.save_png(inf.to_uint8(samples.images)[0], out, samples.metadata[0])
+        written.append(out)
     print(f"Upscaled {len(written)} image(s) into {args.outdir}")
     return written
 

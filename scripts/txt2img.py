@@ -4,9 +4,9 @@
     python scripts/txt2img.py -r logs/<run> --prompt "..." --H 16 --W 16 --ddim_steps 50   # a main.py run
 
 Writes <outdir>/samples/NNNNN.png (numbered after the files already there) and <outdir>/grid-NNNN.png, each with
-PNG text metadata (prompt, seed, sampler, steps, scale, eta, checkpoint). Sample k of iteration n uses the seed
-`--seed + n * n_samples + k` (with --fixed_code: `--seed + k`, the same start codes every iteration): its
-metadata seed regenerates it alone, whatever the batch.
+PNG text metadata (prompt, seed, sampler, schedule, steps, scale, eta, guidance_rescale, checkpoint; those not set
+are left out). Sample k of iteration n uses the seed `--seed + n * n_samples + k` (with --fixed_code: `--seed + k`,
+the same start codes every iteration): its metadata seed regenerates it alone, whatever the batch.
 """
 from __future__ import annotations
 
@@ -19,21 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 from ldm import inference as inf  # noqa: E402
+from ldm.pipelines import Txt2Img  # noqa: E402
 
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The flags of the original txt2img.py (plus -r/--resume, --dpm, --device, --ema)."""
+    """The flags of the original txt2img.py (plus -r/--resume, --sampler and its options, --device, --ema)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     inf.add_prompt_flags(parser, outdir="outputs/txt2img-samples")
+    inf.add_sampler_flags(parser)
     add = parser.add_argument
-    add("--plms", action="store_true", help="PLMS sampling")
-    add("--dpm", action="store_true", help="DPM-Solver++(2M) sampling")
     add("--H", type=int, default=512, help="image height in pixels")
     add("--W", type=int, default=512, help="image width in pixels")
     inf.add_sampling_flags(parser, n_iter=3, n_samples=3, scale=7.5)
@@ -41,37 +39,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def latent_shape(args: argparse.Namespace, model: object) -> tuple[int, int, int]:
-    """(C, H/f, W/f), with --C and --f checked against the model."""
-    inf.check_latent_flags(args, model)
-    factor = inf.first_stage_factor(model)
-    inf.check_size(args.H, args.W, inf.image_multiple(model))
-    return model.channels, args.H // factor, args.W // factor
-
-
 def generate(args: argparse.Namespace) -> list[str]:
     """Sample every prompt n_iter times; returns the written paths."""
     name = inf.sampler_name(args)
     inf.check_counts(args)
     prompts = inf.read_prompt_flags(args)
-    model, device, ckpt = inf.load_from_args(args)
-    if not inf.is_text_model(model):
-        raise inf.ScriptError(f"the model of '{ckpt}' is not conditioned on text (cond_stage_key "
-                              f"{getattr(model, 'cond_stage_key', None)!r}); use scripts/sample_diffusion.py")
-    shape = latent_shape(args, model)
-    inf.check_steps(name, args.steps, args.ddim_eta, model)
+    model, _, ckpt = inf.load_from_args(args)
+    inf.check_latent_flags(args, model)
+    job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
+                  spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H, width=args.W,
+                  precision=args.precision)
     inf.seed_everything(args.seed)
-    sampler = inf.make_sampler(name, model)
-    common = dict(sampler=name, steps=args.steps, scale=args.scale, eta=args.ddim_eta if name == "ddim" else None,
-                  checkpoint=inf.checkpoint_label(ckpt), H=args.H, W=args.W)
-
-    def sample_batch(batch: list[str], seeds: list[int]) -> torch.Tensor:
-        c, uc = inf.text_conditioning(model, batch, args.scale)
-        z = inf.sample_latents(sampler, args.steps, c, uc, args.scale, args.ddim_eta, shape, seeds)
-        return model.decode_first_stage(z)
-
-    with torch.no_grad(), inf.autocast(args.precision, device):
-        return inf.sample_prompts(args, prompts, common, sample_batch)
+    written = inf.sample_prompts(args, prompts, job)
+    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,3 +139,96 @@ def test_fused_adam_kwargs_only_for_floating_cpu_or_cuda_parameters():
             opt.step()
     for fused, looped in zip(weights, reference):
         torch.testing.assert_close(fused, looped)
+
+
+# ---------------------------------------------------------------- the original's small helpers
+import threading  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ldm.util import caption_font, isimage, ismap, log_txt_as_img, mean_flat, parallel_data_prefetch  # noqa: E402
+
+
+def test_ismap_and_isimage_follow_the_channel_count():
+    assert isimage(torch.zeros(2, 3, 4, 4)) and isimage(torch.zeros(1, 1, 4, 4))
+    assert not isimage(torch.zeros(2, 4, 4, 4)) and not isimage(torch.zeros(3, 4, 4))
+    assert ismap(torch.zeros(2, 4, 4, 4)) and ismap(torch.zeros(2, 182, 8, 8))
+    assert not ismap(torch.zeros(2, 3, 4, 4)) and not ismap(torch.zeros(4, 4, 4))
+    assert not ismap(np.zeros((2, 5, 4, 4))) and not isimage(np.zeros((2, 3, 4, 4)))  # tensors only
+
+
+def test_mean_flat_averages_every_non_batch_dimension():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    assert mean_flat(x).tolist() == [5.5, 17.5]
+    assert mean_flat(torch.ones(5, 1, 2, 2, 2)).shape == (5,)
+    from ldm.modules.diffusionmodules.util import mean_flat as original_path
+
+    assert original_path is mean_flat
+
+
+def test_log_txt_as_img_draws_wrapped_black_text_on_white():
+    out = log_txt_as_img((128, 64), ["", "a" * 20, "hello world " * 3], size=10)
+    assert out.shape == (3, 3, 64, 128) and out.dtype == torch.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    assert torch.all(out[0] == 1.0)  # no text: a white image
+    ink = out.mean(dim=1) < 0.0  # darker than mid-grey
+    # 40 * 128 / 256 = 20 characters per line: 20 a's fit on one line, the 36 characters of caption 2 need two
+    rows_with_ink = [int(ink[i].any(dim=1).nonzero().max()) for i in (1, 2)]
+    assert rows_with_ink[1] > rows_with_ink[0] + 5
+    assert ink[1].any(dim=0).nonzero().max() > 60  # 20 characters of 10 pt span most of the width
+    assert torch.equal(log_txt_as_img((128, 64), ["hello"]), log_txt_as_img((128, 64), ["hello"]))
+
+
+def test_caption_font_is_dejavu_sans_when_one_is_installed():
+    font = caption_font(12)
+    family, _ = font.getname()
+    import os
+
+    from ldm.util import _matplotlib_dejavu
+
+    system = any(os.path.isfile(os.path.join(d, "DejaVuSans.ttf"))
+                 for d in ("/usr/share/fonts/truetype/dejavu", "data"))
+    if system or _matplotlib_dejavu():
+        assert family == "DejaVu Sans" and font.size == 12
+    else:  # Pillow's own scalable font
+        assert font.size == 12
+
+
+def _square_with_worker(part, worker_id=None):
+    return np.asarray(part) ** 2 + (0 if worker_id is None else 1000 * worker_id)
+
+
+def _record_thread(part):
+    return [(x, threading.current_thread().name) for x in part]
+
+
+def test_parallel_data_prefetch_keeps_the_order_in_processes_and_threads():
+    data = np.arange(10)
+    np.testing.assert_array_equal(parallel_data_prefetch(_square_with_worker, data, 3), data ** 2)
+    with_ids = parallel_data_prefetch(_square_with_worker, data, 3, use_worker_id=True)
+    # np.array_split(10, 3): parts of 4, 3, 3
+    np.testing.assert_array_equal(with_ids, data ** 2 + 1000 * np.array([0] * 4 + [1] * 3 + [2] * 3))
+    listed = parallel_data_prefetch(_record_thread, list("abcdefg"), 3, target_data_type="list", cpu_intensive=False)
+    assert [x for x, _ in listed] == list("abcdefg")
+    assert len({name for _, name in listed}) == 3  # ceil(7 / 3) = 3 per part: 3 threads
+    values = parallel_data_prefetch(_square_with_worker, {"a": 1, "b": 2, "c": 3}, 2, cpu_intensive=False)
+    np.testing.assert_array_equal(values, [1, 4, 9])  # a dict contributes its values
+    parts = parallel_data_prefetch(len, [1, 2, 3, 4], 2, target_data_type="parts", cpu_intensive=False)
+    assert parts == [2, 2]
+
+
+def _fail_on_odd(part):
+    if any(int(x) % 2 for x in part):
+        raise ValueError("odd value")
+    return part
+
+
+def test_parallel_data_prefetch_errors_are_raised_not_waited_for():
+    with pytest.raises(RuntimeError, match=r"failed on part 1: ValueError: odd value"):
+        parallel_data_prefetch(_fail_on_odd, [0, 2, 3, 4], 2, target_data_type="list")
+    with pytest.raises(ValueError, match="target_data_type='list' expected but data is an ndarray"):
+        parallel_data_prefetch(_fail_on_odd, np.arange(3), 2, target_data_type="list")
+    with pytest.raises(TypeError, match="np.ndarray or an iterable"):
+        parallel_data_prefetch(_fail_on_odd, 5, 2)
+    with pytest.raises(ValueError, match="n_proc must be a positive integer"):
+        parallel_data_prefetch(_fail_on_odd, [1], 0)

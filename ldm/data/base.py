@@ -178,3 +178,22 @@ class Txt2ImgIterableBaseDataset(IterableDataset):
     @abstractmethod
     def __iter__(self):
         """Yield example dicts."""
+
+
+def require_folder(path: Union[str, os.PathLike], owner: str, layout: str) -> Path:
+    """`path` as a Path when it is a folder; otherwise one FileNotFoundError naming it and the expected layout."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{owner}: folder {path} not found; expected {layout}")
+    return path
+
+
+def read_file_list(list_file: Union[str, os.PathLike], owner: str, layout: str) -> list[str]:
+    """The non-empty lines of a file list (relative paths); one clear error when it is missing or empty."""
+    list_file = Path(list_file).expanduser()
+    if not list_file.is_file():
+        raise FileNotFoundError(f"{owner}: file list {list_file} not found; expected {layout}")
+    lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{owner}: file list {list_file} is empty; expected {layout}")
+    return lines

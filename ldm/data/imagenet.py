@@ -13,6 +13,12 @@ Nothing is downloaded. A synset→name file (`synset_human.txt` or Kaggle's `LOC
 lines `n01440764 tench, Tinca tinca`) next to the split folder or one/two levels up fills `human_label`.
 Config keys (`config:` in the published YAML): `size`, `random_crop` (also the original
 nested `ImageNetTrain: {random_crop: ...}`), `sub_indices`, `keep_orig_class_label`.
+
+The ImageNet class index (`index_synset.yaml`, lines `0: n01440764` ... `999: n15075141`, the file the original
+ships in data/) is read from the split folder's parent (where the original downloaded it) or else from this
+repository's `data/index_synset.yaml`. As in the original, `sub_indices` are ImageNet class indices, and
+`keep_orig_class_label` gives every image its ImageNet index; otherwise labels count the synsets present (after
+`sub_indices`) in sorted order.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset, Subset
+
+import yaml
 
 from ldm.data.base import crop_square, load_rgb, rand_uniform, resize_and_crop, resize_shorter_side, to_model_array
 from ldm.modules.image_degradation import make_degradation
@@ -53,6 +61,27 @@ def _parse_sub_indices(spec: Any) -> list[int]:
         start, _, end = part.strip().partition("-")
         indices.extend(range(int(start), int(end or start) + 1))
     return indices
+
+
+INDEX_FILE = "index_synset.yaml"
+SHIPPED_INDEX = Path(__file__).resolve().parents[2] / "data" / INDEX_FILE
+
+
+def read_synset_index(path: Optional[os.PathLike] = None) -> dict[int, str]:
+    """ImageNet class index -> synset id from an index_synset.yaml (default: the one this repository ships)."""
+    path = Path(path) if path is not None else SHIPPED_INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet class index {path} not found; expected lines '0: n01440764' ... "
+                                "'999: n15075141' (data/index_synset.yaml of the repository)")
+    index = yaml.safe_load(path.read_text())
+    if not isinstance(index, dict) or not all(isinstance(k, int) and isinstance(v, str) for k, v in index.items()):
+        raise ValueError(f"ImageNet class index {path}: expected a mapping of integers to synset ids")
+    return index
+
+
+def synset2idx(path_to_yaml: Optional[os.PathLike] = None) -> dict[str, int]:
+    """Synset id -> ImageNet class index (the original's helper)."""
+    return {synset: i for i, synset in read_synset_index(path_to_yaml).items()}
 
 
 def read_synset_names(path: Path) -> dict[str, str]:
@@ -119,23 +148,36 @@ class ImageNetBase(Dataset):
                     return read_synset_names(folder / name)
         return {}
 
+    def _find_synset_index(self) -> Optional[Path]:
+        """An index_synset.yaml beside the data (the original's download place), or None for the shipped one."""
+        for folder in (self.datadir.parent, self.datadir.parent.parent):
+            if (folder / INDEX_FILE).is_file():
+                return folder / INDEX_FILE
+        return None
+
     def _index(self, config: dict) -> None:
         """Build the per-image label lists, honouring `sub_indices` and `keep_orig_class_label`."""
         relpaths = self._list_relpaths()
         if not relpaths:
             raise FileNotFoundError(f"{type(self).__name__}: no images (.JPEG/.png) in the synset folders of {self.datadir}; {_PREPARE_HINT}")
         human = self._find_human_names()
-        synsets = sorted({p.split("/")[0] for p in relpaths})
-        if config.get("keep_orig_class_label", False):
-            if not human:
-                raise FileNotFoundError(
-                    f"{type(self).__name__}: keep_orig_class_label needs {_HUMAN_FILES[0]} (all 1000 synsets) next to {self.datadir}"
-                )
-            synsets = sorted(human)
-        synset_to_label = {s: i for i, s in enumerate(synsets)}
+        index = synset2idx(self._find_synset_index())
         if config.get("sub_indices") is not None:
-            wanted = {synsets[i] for i in _parse_sub_indices(config["sub_indices"])}
+            by_index = {i: synset for synset, i in index.items()}
+            wanted = {by_index[i] for i in _parse_sub_indices(config["sub_indices"]) if i in by_index}
             relpaths = [p for p in relpaths if p.split("/")[0] in wanted]
+            if not relpaths:
+                raise FileNotFoundError(f"{type(self).__name__}: none of the classes sub_indices={config['sub_indices']}"
+                                        f" has images in {self.datadir}")
+        present = sorted({p.split("/")[0] for p in relpaths})
+        if config.get("keep_orig_class_label", False):
+            unknown = [s for s in present if s not in index]
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: keep_orig_class_label: synsets {unknown[:5]} are not in "
+                                 f"the ImageNet class index {self._find_synset_index() or SHIPPED_INDEX}")
+            synset_to_label = index
+        else:
+            synset_to_label = {s: i for i, s in enumerate(present)}
         self.relpaths = relpaths
         self.synsets = [p.split("/")[0] for p in relpaths]
         self.class_labels = [synset_to_label[s] for s in self.synsets]

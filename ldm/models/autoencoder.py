@@ -2,9 +2,18 @@
 2022, "High-Resolution Image Synthesis with Latent Diffusion Models", sec. 3; Esser et al. 2021, "Taming
 Transformers"), with the original constructor parameters and state_dict keys.
 
-Training uses Lightning 2 manual optimisation: each batch takes one autoencoder (generator) step and one
-discriminator step, and `global_step` counts batches, as the original's two-optimizer loop did, so
-`disc_start`, `max_steps` and learning-rate schedules keep their published meaning.
+Training uses Lightning 2 manual optimisation: each optimisation step is one autoencoder (generator) step and one
+discriminator step, and `global_step` counts optimisation steps, as the original's two-optimizer loop under
+automatic optimisation did, so `disc_start`, `max_steps` and learning-rate schedules keep their published meaning.
+
+Gradient accumulation (`lightning.trainer.accumulate_grad_batches`, which Lightning refuses for manually optimising
+modules; main.py hands it to `accumulate_grad_batches` here): both losses of each batch are divided by the count and
+back-propagated, and both optimizers step once every `accumulate_grad_batches` batches (and at an epoch's last
+batch), as Lightning 1's automatic accumulation did for the original. One optimisation step then sees the effective
+batch `accumulate_grad_batches x batch_size`, `global_step` advances once per optimisation step (every
+`accumulate_grad_batches` batches), per-step LR schedules and the EMA advance with it, and main.py's learning-rate
+rule multiplies by the same count. The adaptive GAN weight and the discriminator's BatchNorm are computed per batch,
+in the original too, so those two terms depend on the batch size and not only on the effective batch.
 """
 from __future__ import annotations
 
@@ -91,6 +100,20 @@ class _AutoencoderBase(L.LightningModule):
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
         self.use_ema = False
+        self._accumulate = 1
+        self._stepped = False  # whether the current batch ended with an optimisation step (the EMA follows steps)
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Batches whose gradients are summed into one optimisation step (main.py sets it from
+        lightning.trainer.accumulate_grad_batches)."""
+        return self._accumulate
+
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"lightning.trainer.accumulate_grad_batches must be a positive integer, got {value!r}")
+        self._accumulate = value
 
     # ---- set-up helpers ----------------------------------------------------------------------------
     def _init_ema(self, decay: float) -> None:
@@ -154,7 +177,8 @@ class _AutoencoderBase(L.LightningModule):
             x = x[..., None]
         if x.dim() != 4:
             raise ValueError(f"batch['{k}'] must be (B, H, W) or (B, H, W, C) images, got shape {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        # the module's float dtype (float32 as the original's .float(), float64 under precision="64-true")
+        x = x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format, dtype=self.dtype)
         if self.batch_resize_range is not None and self.training:
             low, high = self.batch_resize_range
             if self.global_step <= 4:
@@ -230,27 +254,32 @@ class _AutoencoderBase(L.LightningModule):
         return [opt_ae, opt_disc], schedulers
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """One autoencoder step, then one discriminator step on the same reconstructions."""
+        """Accumulate the autoencoder's and then the discriminator's gradients on this batch; at the end of an
+        accumulation (every `accumulate_grad_batches` batches, or the epoch's last batch) step both optimizers."""
         x = self.get_input(batch, self.image_key)
-        step = self.global_step  # both steps see the same step, as in the original
+        step = self.global_step  # both losses see the same step, as in the original
         opt_ae, opt_disc = self.optimizers()
+        scale = 1.0 / self.accumulate_grad_batches
+        self._stepped = (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
 
-        with self.toggled_optimizer(opt_ae):
+        with self.toggled_optimizer(opt_ae):  # the discriminator's parameters get no gradient here
             xrec, aux = self._reconstruct(x)
             ae_loss, log_ae = self._compute_loss(x, xrec, aux, 0, step, "train")
-            opt_ae.zero_grad(set_to_none=True)
-            self.manual_backward(ae_loss)
-            opt_ae.step()
+            self.manual_backward(ae_loss * scale)
+            if self._stepped:
+                opt_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
 
         with self.toggled_optimizer(opt_disc):
             disc_loss, log_disc = self._compute_loss(x, xrec.detach(), aux, 1, step, "train")
-            opt_disc.zero_grad(set_to_none=True)
-            self.manual_backward(disc_loss)
-            with _step_not_counted(opt_disc):
-                opt_disc.step()
+            self.manual_backward(disc_loss * scale)
+            if self._stepped:
+                with _step_not_counted(opt_disc):
+                    opt_disc.step()
+                opt_disc.zero_grad(set_to_none=True)
 
         schedulers = self.lr_schedulers()
-        if schedulers is not None:
+        if self._stepped and schedulers is not None:
             for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
                 scheduler.step()
 
@@ -261,7 +290,7 @@ class _AutoencoderBase(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the EMA weights after each optimisation step."""
-        if self.use_ema:
+        if self.use_ema and self._stepped:
             self.model_ema(self)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:

@@ -1,50 +1,127 @@
-"""The one interface samplers see: x_t and integer timesteps in, (x0, eps) predictions out."""
+"""The one denoiser builder: a network of any parameterization over any process, seen by samplers as
+denoise(x, sigma) -> x0 on the VE-normalised latent x = x_t / alpha (the contract of `ldm.sampling.samplers`).
+
+`Denoiser` scales the input to the process (x_t = alpha x, or x itself at an infinite level, where x holds the
+pure noise), maps each level to the network's time input (the discrete timestep, c_noise or t * 1000), runs the
+network once (guidance is folded into the network function by `guided_model_fn`, written once) and converts its
+output to x0 through `ldm.sampling.parameterization`; `x0_fn` (see `x0_hook`) post-processes x0.
+`model_denoiser` builds one from a diffusion model (apply_model, schedule, parameterization).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from ldm.sampling.parameterization import Prediction, check_parameterization, to_prediction
-from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.guidance import Conditioning, guided_model_fn
+from ldm.sampling.parameterization import check_parameterization, input_scale, to_x0
+from ldm.sampling.schedule import Schedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+X0Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def norm_thresholding(x0: torch.Tensor, value: float) -> torch.Tensor:
+    """Scale each sample's x0 down so that its RMS norm is at most `value` (the original dynamic_threshold)."""
+    rms = x0.pow(2).flatten(1).mean(1).sqrt().clamp(min=value)
+    return x0 * (value / rms).reshape(-1, *((1,) * (x0.ndim - 1)))
+
+
+def x0_hook(clip: bool = False, quantize: X0Fn | None = None, dynamic_threshold: float | None = None) -> X0Fn | None:
+    """The one x0 post-processing hook: `quantize` (e.g. a first stage's codebook), then the clamp to [-1, 1] (the
+    original's clip_denoised), then norm thresholding (the original's dynamic_threshold), in the original's order;
+    None when nothing is asked."""
+    if not clip and quantize is None and dynamic_threshold is None:
+        return None
+
+    def fn(x0: torch.Tensor) -> torch.Tensor:
+        if quantize is not None:
+            x0 = quantize(x0)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        return x0 if dynamic_threshold is None else norm_thresholding(x0, dynamic_threshold)
+
+    return fn
+
+
+def as_levels(sigma: torch.Tensor | float, batch: int) -> torch.Tensor:
+    """One float64 CPU level per batch element from a scalar or a per-sample tensor."""
+    sigma = torch.as_tensor(sigma).detach().to("cpu", torch.float64).reshape(-1)
+    return sigma.expand(batch).clone() if sigma.numel() == 1 else sigma
 
 
 class Denoiser:
-    """Wrap a raw model function f(x_t, t) of a given parameterization into (x0, eps) predictions.
+    """denoise(x, sigma) -> x0 for `model_fn(network input, time) -> output` of a parameterization over a schedule.
 
-    `clip_x0` clamps the predicted x0 to [-1, 1] (and re-derives eps from it), as the original's
-    `clip_denoised` does; `x0_fn` may post-process x0 (e.g. codebook quantization) the same way.
+    The network sees integer timesteps as a long tensor (as the original samplers passed them) and fractional
+    ones as float32. `quantize_time` rounds discrete timesteps to the nearest (k-diffusion's `quantize`).
     """
 
-    def __init__(
-        self,
-        model_fn: ModelFn,
-        schedule: NoiseSchedule,
-        parameterization: str = "eps",
-        clip_x0: bool = False,
-        x0_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ):
+    def __init__(self, model_fn: ModelFn, schedule: Schedule, parameterization: str = "eps",
+                 x0_fn: X0Fn | None = None, quantize_time: bool = False):
         self.model_fn = model_fn
         self.schedule = schedule
         self.parameterization = check_parameterization(parameterization)
-        self.clip_x0 = clip_x0
         self.x0_fn = x0_fn
+        self.quantize_time = quantize_time
 
-    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t broadcast against `like`, on its device, in float32."""
-        return self.schedule.alpha_bar(t.cpu(), like.ndim, torch.float64).to(like.device, torch.float32)
+    def time(self, sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The network's time input at levels sigma (float64 CPU), on `device`."""
+        t = self.schedule.model_time(sigma)
+        if self.quantize_time:
+            t = t.round()
+        if bool((t == t.round()).all()):
+            return t.to(device, torch.long)
+        return t.to(device, torch.float32)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
-        """Predict x0 and eps for x at integer timesteps t (one per batch element)."""
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        out = self.model_fn(x, t).float()
-        a = self.alpha_bar(t, x)
-        pred = to_prediction(self.parameterization, out, x.float(), a)
-        if self.clip_x0 or self.x0_fn is not None:
-            x0 = pred.x0.clamp(-1, 1) if self.clip_x0 else pred.x0
-            x0 = self.x0_fn(x0) if self.x0_fn is not None else x0
-            pred = Prediction(x0, (x.float() - a.sqrt() * x0) / (1 - a).sqrt())
-        return pred
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The predicted clean sample for x at VE levels sigma (one per batch element, or one for all)."""
+        sigma = as_levels(sigma, x.shape[0])
+        infinite = torch.isinf(sigma)
+        if bool(infinite.any()) and self.parameterization in ("eps", "edm"):
+            raise ValueError(f"a {self.parameterization}-prediction model cannot denoise pure noise (infinite level, "
+                             "zero terminal SNR): use a v, x0 or flow model, or a finite sigma_max")
+        alpha, sig = self.schedule.alpha_sigma(sigma)
+        shape = (-1, *((1,) * (x.ndim - 1)))
+        scale = torch.where(infinite, torch.ones_like(alpha), alpha).reshape(shape).to(x)
+        alpha, sig = alpha.reshape(shape).to(x), sig.reshape(shape).to(x)
+        x_t = x * scale
+        net_in = x_t * input_scale(self.parameterization, alpha, sig, self.schedule.sigma_data)
+        out = self.model_fn(net_in, self.time(sigma, x.device)).to(x.dtype)
+        x0 = to_x0(self.parameterization, out, x_t, alpha, sig, self.schedule.sigma_data)
+        return x0 if self.x0_fn is None else self.x0_fn(x0)
+
+
+def model_denoiser(
+    model: Any,
+    cond: Conditioning = None,
+    uncond: Conditioning = None,
+    scale: float = 1.0,
+    rescale: float = 0.0,
+    *,
+    x0_fn: X0Fn | None = None,
+    score_corrector: Any = None,
+    corrector_kwargs: dict | None = None,
+    scale_at: Mapping[int, float] | None = None,
+) -> Denoiser:
+    """The denoiser of a diffusion model (its `apply_model(x, t, cond)`, `schedule` and `parameterization`) with
+    classifier-free guidance of `scale` (and guidance rescale `rescale`, Lin et al. 2023) against `uncond`.
+
+    `score_corrector.modify_score(model, out, x_t, t, cond, **corrector_kwargs)` edits eps outputs (the original's
+    score correction); `scale_at` maps an integer timestep to its own guidance scale (the original's ucg_schedule).
+    """
+    if score_corrector is not None and model.parameterization != "eps":
+        raise ValueError(f"score_corrector needs an eps-parameterized model, this one predicts {model.parameterization}")
+    fns: dict[float, ModelFn] = {}
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = scale if scale_at is None else scale_at[int(t[0])]
+        if s not in fns:
+            fns[s] = guided_model_fn(model.apply_model, cond, uncond, s, rescale)
+        out = fns[s](x, t)
+        if score_corrector is not None:
+            out = score_corrector.modify_score(model, out, x, t, cond, **(corrector_kwargs or {}))
+        return out
+
+    return Denoiser(network, model.schedule, model.parameterization, x0_fn=x0_fn)

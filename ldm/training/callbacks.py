@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from ldm.training.clock import paused as train_clock_paused
+from ldm.training.evaluation import EvaluationCallback  # noqa: F401 - config target ldm.training.callbacks.EvaluationCallback
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)

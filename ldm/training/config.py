@@ -18,6 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # rank 0 of a run launched by Lightning's subprocess launcher tells its children where the run lives
@@ -31,7 +33,7 @@ MANUAL_OPTIMIZATION_UNSUPPORTED = ("accumulate_grad_batches", "gradient_clip_val
 TRUE_WORDS, FALSE_WORDS = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A mistake in the command line or the configs; the message is one line that names what to fix."""
 
 
@@ -227,7 +229,11 @@ def trainer_options(trainer_cfg: Any, flags: Mapping[str, Any], gpus: Any = None
 
 
 def drop_manual_optimization_options(options: dict[str, Any], model: Any) -> list[str]:
-    """Remove the Trainer options Lightning rejects for a manually optimising module, with a warning each."""
+    """Remove the Trainer options Lightning rejects for a manually optimising module, with a warning each.
+
+    A module that accumulates gradients itself (an `accumulate_grad_batches` attribute, as the autoencoders) is
+    handed accumulate_grad_batches instead of losing it.
+    """
     if getattr(model, "automatic_optimization", True):
         return []
     dropped = []
@@ -236,6 +242,10 @@ def drop_manual_optimization_options(options: dict[str, Any], model: Any) -> lis
             continue
         value = options.pop(key)
         dropped.append(key)
+        if key == "accumulate_grad_batches" and hasattr(model, key):
+            setattr(model, key, 1 if value is None else value)
+            logger.info("%s accumulates gradients over %s batches itself", type(model).__name__, value)
+            continue
         harmless = (None, 1) if key == "accumulate_grad_batches" else (None, 0)
         if key != "gradient_clip_algorithm" and value not in harmless:
             logger.warning("ignoring lightning.trainer.%s=%s: %s optimises manually (automatic_optimization=False), "

@@ -156,7 +156,9 @@ def expected_unet(u) -> dict[str, tuple[int, ...]]:
         return unet_resblock(p, ch, ch, emb, ss) if updown else _conv(f"{p}.{conv_name}", ch, ch, 3)
 
     keys = {**_layer("time_embed.0", (emb, mc)), **_layer("time_embed.2", (emb, emb))}
-    if u.get("num_classes") is not None:
+    if u.get("num_classes") == "sequential":  # an ADM vector of adm_in_channels through a two-layer MLP
+        keys |= {**_layer("label_emb.0.0", (emb, u.adm_in_channels)), **_layer("label_emb.0.2", (emb, emb))}
+    elif u.get("num_classes") is not None:
         keys["label_emb.weight"] = (u.num_classes, emb)
     keys |= _conv("input_blocks.0.0", u.in_channels, mc, 3)
     skips, ch, ds, i = [mc], mc, 1, 1
@@ -203,8 +205,10 @@ def ae_attn(p: str, c: int) -> dict:
     return keys
 
 
-def ae_mid(p: str, c: int) -> dict:
-    return {**ae_resblock(f"{p}.block_1", c, c), **ae_attn(f"{p}.attn_1", c), **ae_resblock(f"{p}.block_2", c, c)}
+def ae_mid(p: str, c: int, attention: bool = True) -> dict:
+    """Middle block; `attn_type: none` (vq-f4-noattn) makes its attention an identity without weights."""
+    attn = ae_attn(f"{p}.attn_1", c) if attention else {}
+    return {**ae_resblock(f"{p}.block_1", c, c), **attn, **ae_resblock(f"{p}.block_2", c, c)}
 
 
 def expected_first_stage(params, vq: bool) -> dict[str, tuple[int, ...]]:
@@ -223,9 +227,11 @@ def expected_first_stage(params, vq: bool) -> dict[str, tuple[int, ...]]:
             keys |= _conv(f"encoder.down.{level}.downsample.conv", c, c, 3)
             res //= 2
     z_out = 2 * z if dd.double_z else z
-    keys |= {**ae_mid("encoder.mid", c), **_norm("encoder.norm_out", c), **_conv("encoder.conv_out", c, z_out, 3)}
+    attention = dd.get("attn_type", "vanilla") != "none"
+    keys |= {**ae_mid("encoder.mid", c, attention), **_norm("encoder.norm_out", c),
+             **_conv("encoder.conv_out", c, z_out, 3)}
 
-    keys |= {**_conv("decoder.conv_in", z, c, 3), **ae_mid("decoder.mid", c)}
+    keys |= {**_conv("decoder.conv_in", z, c, 3), **ae_mid("decoder.mid", c, attention)}
     for level in reversed(range(len(mults))):
         for b in range(nrb + 1):
             keys |= ae_resblock(f"decoder.up.{level}.block.{b}", c, ch * mults[level])

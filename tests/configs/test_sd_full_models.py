@@ -1,9 +1,11 @@
-"""The Stable Diffusion configs build their FULL models (UNet, autoencoder, text encoder; 1.1-1.3 B parameters)
-with random weights, survive a checkpoint round trip and hold the keys of the published checkpoints.
+"""The Stable Diffusion configs build their FULL models (UNet, autoencoder, text encoder, and the depth stage or
+image embedder of depth-to-image and unCLIP; 1.1-2.0 B parameters) with random weights, survive a checkpoint round
+trip and hold the keys of the published checkpoints.
 
 Text-encoder weights are not downloadable here: SD v1's FrozenCLIPEmbedder loads a local folder holding the
 ViT-L/14 text config with random weights and the CLIP tokenizer written from open_clip's vocabulary; SD v2's
-FrozenOpenCLIPEmbedder gets `version: null`. To stay within minutes and ~12 GB on 2 cores the models are built
+FrozenOpenCLIPEmbedder gets `version: null`, as unCLIP-H's image tower; unCLIP-L's OpenAI CLIP gets `pretrained: false`
+and stand-in embedding statistics, the depth stage's MiDaS `model_path: null`. To stay within minutes and ~12 GB on 2 cores the models are built
 one at a time in bfloat16, and every random initialiser (all of torch.nn.init ends in Tensor.uniform_ or
 Tensor.normal_) fills each tensor with its own constant instead of drawing numbers; two builds use different
 constants, so a load that missed or swapped a tensor is still seen.
@@ -33,11 +35,17 @@ SD_CONFIGS = [
     "v2-inference-v.yaml",
     "v2-inpainting-inference.yaml",
     "x4-upscaling.yaml",
+    "v2-midas-inference.yaml",
+    "v2-1-stable-unclip-h-inference.yaml",
+    "v2-1-stable-unclip-l-inference.yaml",
 ]
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 VAE_KEY = "first_stage_model.encoder.down.0.block.0.norm1.weight"
 CLIP_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 OPENCLIP_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+DEPTH_KEY = "depth_model.model.pretrained.model.patch_embed.backbone.stem.conv.weight"
+OPENCLIP_VISION_KEY = "embedder.model.visual.transformer.resblocks.31.attn.in_proj_weight"
+OPENAI_VISION_KEY = "embedder.model.visual.transformer.resblocks.23.attn.in_proj_weight"
 
 
 @contextlib.contextmanager
@@ -91,6 +99,17 @@ def model_config(name: str, request: pytest.FixtureRequest):
         cond.params = {**(cond.get("params") or {}), "version": request.getfixturevalue("clip_vit_l14_dir")}
     else:
         cond.params.version = None
+    if "embedder_config" in cfg.params:  # unCLIP: the image tower with random weights, stand-in statistics
+        embedder = cfg.params.embedder_config
+        key = "pretrained" if embedder.target.endswith("ClipImageEmbedder") else "version"
+        embedder.params = {**(embedder.get("params") or {}), key: False if key == "pretrained" else None}
+        noise_aug = cfg.params.noise_aug_config.params
+        if noise_aug.get("clip_stats_path"):
+            path = request.getfixturevalue("tmp_path") / "clip_stats.th"
+            torch.save((torch.zeros(noise_aug.timestep_dim), torch.ones(noise_aug.timestep_dim)), path)
+            noise_aug.clip_stats_path = str(path)
+    if "depth_stage_config" in cfg.params:  # depth-to-image: MiDaS DPT-Hybrid with random weights
+        cfg.params.depth_stage_config.params.model_path = None
     return cfg
 
 
@@ -121,10 +140,25 @@ def test_sd_config_builds_full_model_and_round_trips(name, request, tmp_path):
         assert OPENCLIP_KEY in state and layout[OPENCLIP_KEY][0] == (3 * 1024, 1024)
         assert n_text == 354_032_641  # OpenCLIP ViT-H/14 text transformer, with text_projection and logit_scale
         assert not any(k.startswith("cond_stage_model.model.visual.") for k in state)
-    # the frozen text encoder stays in eval mode and out of the optimiser
+    # the image embedder / depth stage: published keys and sizes (open_clip ViT-H-14: 986,109,441 parameters of
+    # which the image tower 632,076,800, the embedder keeps all but the 302,309,376 of the text transformer; OpenAI
+    # ViT-L/14: 427,616,513 in all; dpt_hybrid-midas-501f0c75.pt: 368 tensors)
+    extra_stage = {"v2-midas-inference.yaml": "depth_model", "v2-1-stable-unclip-h-inference.yaml": "embedder",
+                   "v2-1-stable-unclip-l-inference.yaml": "embedder"}.get(name)
+    if name.startswith("v2-midas"):
+        assert DEPTH_KEY in state and sum(k.startswith("depth_model.") for k in state) == 368
+    elif extra_stage:
+        vision_key, n_params = {"h": (OPENCLIP_VISION_KEY, 986_109_441 - 302_309_376),
+                                "l": (OPENAI_VISION_KEY, 427_616_513)}[name[len("v2-1-stable-unclip-")]]
+        assert vision_key in state and sum(p.numel() for p in model.embedder.parameters()) == n_params
+        if name.startswith("v2-1-stable-unclip-h"):
+            assert sum(p.numel() for p in model.embedder.model.visual.parameters()) == 632_076_800
+            assert not any(k.startswith("embedder.model.transformer.") for k in state)
+    # the frozen text encoder (and image / depth stage) stays in eval mode and out of the optimiser
     model.train()
-    assert not model.cond_stage_model.training
-    assert not {id(p) for p in model.trainable_parameters()} & {id(p) for p in model.cond_stage_model.parameters()}
+    for frozen in [model.cond_stage_model] + ([getattr(model, extra_stage)] if extra_stage else []):
+        assert not frozen.training
+        assert not {id(p) for p in model.trainable_parameters()} & {id(p) for p in frozen.parameters()}
 
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": state}, path)
@@ -147,3 +181,4 @@ def test_sd_config_builds_full_model_and_round_trips(name, request, tmp_path):
         assert torch.equal(sample(value), fingerprint[key]), key
     del rebuilt, loaded
     gc.collect()
+    path.unlink()  # 2-4 GB per config: pytest keeps the last three runs' temporary folders

@@ -64,12 +64,36 @@ def test_imagenet_centre_crop_of_a_wide_image(imagenet_root):
 
 def test_imagenet_env_root_sub_indices_and_published_config(imagenet_root, monkeypatch):
     monkeypatch.setenv("LDM_IMAGENET_ROOT", str(imagenet_root))
-    sub = ImageNetTrain(config={"size": 8, "sub_indices": "1-2"})
-    assert {ex for ex in sub.synsets} == set(SYNSETS[1:]) and set(sub.class_labels) == {1, 2}
+    # sub_indices are ImageNet class indices (data/index_synset.yaml): 1 = n01443537, 217 = n02102040; the labels
+    # count the kept synsets, as the original
+    sub = ImageNetTrain(config={"size": 8, "sub_indices": "1,200-217"})
+    assert set(sub.synsets) == set(SYNSETS[1:]) and set(sub.class_labels) == {0, 1}
     published = OmegaConf.load(CONFIGS / "cin-ldm-vq-f8.yaml").data.params
     for part in ("train", "validation"):
         ds = instantiate_from_config(published[part])
         assert ds.size == 256 and ds[0]["image"].shape == (256, 256, 3)
+
+
+def test_imagenet_class_index_is_shipped_and_gives_the_original_labels(imagenet_root, tmp_path):
+    from ldm.data.imagenet import SHIPPED_INDEX, read_synset_index, synset2idx
+
+    index = read_synset_index()
+    assert SHIPPED_INDEX.relative_to(Path(__file__).resolve().parents[2]).as_posix() == "data/index_synset.yaml"
+    assert len(index) == 1000 and index[0] == "n01440764" and index[999] == "n15075141"
+    # the original's file verbatim, quirks included: n03126707 stands at 134 and 517, so 999 distinct synsets
+    assert len(set(index.values())) == 999 and index[134] == index[517] == "n03126707"
+    train = ImageNetTrain(config={"size": 8, "root": str(imagenet_root), "keep_orig_class_label": True})
+    assert {synset: label for synset, label in zip(train.synsets, train.class_labels)} == {
+        "n01440764": 0, "n01443537": 1, "n02102040": 217}
+    assert synset2idx()["n02102040"] == 217
+    # an index_synset.yaml beside the data (where the original downloaded it) is preferred
+    (imagenet_root / "index_synset.yaml").write_text("5: n01440764\n6: n01443537\n7: n02102040\n")
+    relabelled = ImageNetValidation(config={"root": str(imagenet_root), "keep_orig_class_label": True})
+    assert sorted(set(relabelled.class_labels)) == [5, 6, 7]
+    with pytest.raises(FileNotFoundError, match=r"none of the classes sub_indices=\[3\] has images in .*val"):
+        ImageNetValidation(config={"root": str(imagenet_root), "sub_indices": [3]})
+    with pytest.raises(FileNotFoundError, match="ImageNet class index .*nope.yaml not found"):
+        read_synset_index(tmp_path / "nope.yaml")
 
 
 def test_imagenet_missing_data_names_the_path(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def patterns(n: int, size: int = SIZE) -> list[dict[str, torch.Tensor]]:
     items = []
     for i in range(n):
         c1, c2 = torch.rand(2, 3, generator=g) * 2 - 1
-        cut = int(torch.randint(4, size - 4, (), generator=g))
+        cut = int(torch.randint(size // 4, size - size // 4, (), generator=g))
         mask = (xx < cut) if i % 2 else (yy < cut)
         items.append({"image": torch.where(mask[..., None], c1, c2)})
     return items
@@ -314,3 +314,134 @@ def test_vq_model_trains_with_ema_and_validates(tmp_path):
     x = loader.dataset[0]["image"].permute(2, 0, 1)[None]
     with torch.no_grad():
         assert torch.equal(restored(x)[0], model.eval()(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation (lightning.trainer.accumulate_grad_batches of the published KL configs)
+# ---------------------------------------------------------------------------------------------
+def separable_gan(model) -> None:
+    """Make the GAN terms per-sample: ActNorm already initialised (no batch statistics) and a fixed generator weight.
+
+    The adaptive weight |grad nll| / |grad g| and BatchNorm are functions of the whole batch, in the original too, so
+    only with these two fixed can batch 1 x 2 accumulated equal batch 2.
+    """
+    for module in model.loss.discriminator.modules():
+        if hasattr(module, "initialized"):
+            module.initialized.fill_(1)
+    model.loss.calculate_adaptive_weight = lambda *args, **kwargs: torch.tensor(0.3)
+
+
+ACC_DDCONFIG = {**DDCONFIG, "resolution": 8, "ch_mult": [1]}
+
+
+def accumulation_model(kind: str, disc_start: int, accumulate: int):
+    torch.manual_seed(0)
+    loss = {"disc_start": disc_start, "perceptual_weight": 0, "disc_num_layers": 1, "use_actnorm": True}
+    if kind == "kl":
+        model = AutoencoderKL(ACC_DDCONFIG, {"target": KL_LOSS, "params": {**loss, "kl_weight": 1e-3}}, embed_dim=4,
+                              use_ema=True)
+    else:
+        model = VQModel({**ACC_DDCONFIG, "double_z": False}, {"target": VQ_LOSS, "params": {**loss, "disc_ndf": 16}},
+                        n_embed=32,
+                        embed_dim=4, use_ema=True)
+    separable_gan(model)
+    model.accumulate_grad_batches = accumulate
+    model.learning_rate = 1e-3
+    return model
+
+
+def record_gradients(model) -> list[list[torch.Tensor]]:
+    """Every optimizer step of `model` appends the gradients it is about to apply (Adam hides their scale)."""
+    seen: list[list[torch.Tensor]] = []
+    configure = model.configure_optimizers
+
+    def configure_and_record():
+        optimizers = configure()
+        for opt in optimizers:
+            def step(*args, _step=opt.step, _opt=opt, **kwargs):
+                seen.append([p.grad.clone() for g in _opt.param_groups for p in g["params"] if p.grad is not None])
+                return _step(*args, **kwargs)
+            opt.step = step
+        return optimizers
+
+    model.configure_optimizers = configure_and_record
+    return seen
+
+
+def train_on(model, batch_size: int, n_images: int, steps: int, seed: int = 0) -> L.Trainer:
+    """Fit on `n_images` fixed images in order, in float64 (Adam's first steps are lr * g / (|g| + eps): in float32 the
+    rounding noise of gradients that are zero in exact arithmetic, e.g. of attention key biases, would move weights by
+    up to lr / 100); the KL posterior noise is drawn from a seeded global generator."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        precision="64-true")
+    torch.manual_seed(seed)
+    trainer.fit(model, DataLoader(patterns(n_images, size=8), batch_size=batch_size, shuffle=False))
+    return trainer
+
+
+@pytest.mark.parametrize(("kind", "disc_start"), [("kl", 0), ("kl", 100), ("vq", 0)],
+                         ids=["kl-disc-on", "kl-disc-off", "vq-disc-on"])
+def test_two_accumulated_batches_of_one_equal_one_batch_of_two(kind, disc_start):
+    accumulated, single = accumulation_model(kind, disc_start, 2), accumulation_model(kind, disc_start, 1)
+    before = {k: v.clone() for k, v in single.state_dict().items()}
+    acc_grads, one_grads = record_gradients(accumulated), record_gradients(single)
+    acc_trainer = train_on(accumulated, batch_size=1, n_images=4, steps=2)
+    one_trainer = train_on(single, batch_size=2, n_images=4, steps=2)
+    # global_step counts optimisation steps: 4 batches of 1 accumulated by 2 are 2 steps, as 2 batches of 2
+    assert acc_trainer.global_step == one_trainer.global_step == 2
+    # the summed gradients of the two halves are the mean-loss gradients of the whole batch (autoencoder and
+    # discriminator, both steps), not twice them
+    assert len(acc_grads) == len(one_grads) == 4
+    for acc_step, one_step in zip(acc_grads, one_grads):
+        assert len(acc_step) == len(one_step) > 0
+        for a, b in zip(acc_step, one_step):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert accumulated.model_ema.num_updates.item() == single.model_ema.num_updates.item() == 2
+    moved = 0
+    for (name, a), b in zip(accumulated.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=name)
+        moved += not torch.equal(a, before[name])
+    assert moved > 20
+    disc = [k for k in before if k.startswith("loss.discriminator.") and k.endswith("weight")]
+    disc_moved = any(not torch.equal(single.state_dict()[k], before[k]) for k in disc)
+    assert disc_moved == (disc_start == 0)
+
+
+def test_accumulating_differs_from_stepping_every_batch():
+    """The control: the same 4 batches of 1 without accumulation take 4 steps and end elsewhere."""
+    accumulated, every_batch = accumulation_model("vq", 100, 2), accumulation_model("vq", 100, 1)
+    train_on(accumulated, batch_size=1, n_images=4, steps=2)
+    trainer = train_on(every_batch, batch_size=1, n_images=4, steps=4)
+    assert trainer.global_step == 4
+    a, b = accumulated.encoder.conv_in.weight, every_batch.encoder.conv_in.weight
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_accumulation_steps_at_the_last_batch_of_an_epoch_and_is_validated():
+    model = accumulation_model("vq", 100, 2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, DataLoader(patterns(3, size=8), batch_size=1))
+    assert trainer.global_step == 2  # batches 1+2, then batch 3 alone at the end of the epoch
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="accumulate_grad_batches must be a positive integer"):
+            model.accumulate_grad_batches = bad
+
+
+def test_main_hands_accumulation_to_the_autoencoder_and_scales_the_lr(caplog):
+    from omegaconf import OmegaConf
+
+    from ldm.training.config import drop_manual_optimization_options, learning_rate
+
+    model = kl_model()
+    options = {"accumulate_grad_batches": 2, "max_steps": 5}
+    with caplog.at_level(logging.WARNING):
+        assert drop_manual_optimization_options(options, model) == ["accumulate_grad_batches"]
+    assert options == {"max_steps": 5} and model.accumulate_grad_batches == 2
+    assert "ignoring" not in caplog.text
+    # main.py's rule, as the original: 2 (accumulate) x 1 (device) x 1 (node) x 12 (batch) x 4.5e-6
+    published = OmegaConf.load("configs/autoencoder/autoencoder_kl_32x32x4.yaml")
+    assert published.lightning.trainer.accumulate_grad_batches == 2
+    lr, rule = learning_rate(published, model.accumulate_grad_batches, 1, 1, scale=True)
+    assert lr == pytest.approx(2 * 12 * 4.5e-6) and "2 (accumulate_grad_batches)" in rule

@@ -1,13 +1,16 @@
-"""Our sampler functions against diffusers' schedulers, driven by the same model function and noise."""
+"""DDIM, PLMS, DPM++(2M) and DDPM on the sampler contract against diffusers' schedulers, same network and noise."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.sampling import Denoiser, NoiseSchedule
-from ldm.sampling.samplers import ddim, ddpm_ancestral, dpmpp_2m, linspace_timesteps, plms
+from ldm.sampling.samplers.ddim import ddim
+from ldm.sampling.samplers.ddpm import ddpm
+from ldm.sampling.samplers.dpm_solver import dpmpp_2m
+from ldm.sampling.samplers.plms import plms
+from ldm.sampling.schedule import dpm_solver_timesteps, spaced_timesteps, spacing
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -42,6 +45,13 @@ def run_diffusers(scheduler, x: torch.Tensor, noises: list[torch.Tensor] | None 
     return x
 
 
+def run_ours(sampler, sigmas: torch.Tensor, parameterization: str, x: torch.Tensor, fn=model_fn, **kwargs):
+    """Our sampler from the process-scale x (converted to and from the VE-normalised latent)."""
+    s = schedule()
+    out = sampler(Denoiser(fn, s, parameterization), sigmas, s.to_ve(x, sigmas[0]), **kwargs)
+    return s.from_ve(out, sigmas[-1])
+
+
 def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max())
 
@@ -65,21 +75,19 @@ def test_ddim_matches_diffusers_ddim_scheduler(prediction_type: str, steps: int,
     sched = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                     timestep_spacing="leading", prediction_type=prediction_type)
     sched.set_timesteps(steps)
-    ours_t = make_ddim_timesteps("uniform", steps, T)[::-1]
-    np.testing.assert_array_equal(sched.timesteps.numpy(), ours_t)
+    np.testing.assert_array_equal(sched.timesteps.numpy(), spaced_timesteps("uniform", steps, T))
     gen = torch.Generator().manual_seed(1)
     noises = [torch.randn(2, 4, 8, 8, generator=gen) for _ in range(steps)] if eta > 0 else None
     theirs = run_diffusers(sched, x_T(), noises)
-    s = schedule()
-    ours = ddim(Denoiser(model_fn, s, PARAM[prediction_type]), s, ours_t, x_T(), eta=eta,
-                noise=ListNoise(noises or []))
+    ours = run_ours(ddim, spacing("uniform", steps, schedule(), final="min"), PARAM[prediction_type], x_T(),
+                    eta=eta, noise=ListNoise(noises or []))
     assert rel_diff(ours, theirs) <= TOL
 
 
 def eps_of_v_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """model_fn read as a v prediction, converted to eps = sqrt(a) v + sqrt(1 - a) x_t."""
-    a = schedule().alpha_bar(t, x.ndim, torch.float64).float()
-    return a.sqrt() * model_fn(x, t) + (1 - a).sqrt() * x
+    alpha, sigma = schedule().coefficients(t, x)
+    return alpha * model_fn(x, t) + sigma * x
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -91,14 +99,14 @@ def test_plms_matches_diffusers_pndm_without_prk(prediction_type: str, steps: in
                                     timestep_spacing="leading", prediction_type="epsilon")
     sched.set_timesteps(steps)
     theirs = run_diffusers(sched, x_T(), fn=model_fn if prediction_type == "epsilon" else eps_of_v_fn)
-    s = schedule()
     evaluated: list[int] = []
 
     def counting_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         evaluated.append(int(t[0]))
         return model_fn(x, t)
 
-    ours = plms(Denoiser(counting_fn, s, PARAM[prediction_type]), s, make_ddim_timesteps("uniform", steps, T)[::-1], x_T())
+    ours = run_ours(plms, spacing("uniform", steps, schedule(), final="min"), PARAM[prediction_type], x_T(),
+                    fn=counting_fn)
     # same evaluations: the pseudo improved Euler step evaluates twice at the second timestep
     assert evaluated == sched.timesteps.tolist()
     assert rel_diff(ours, theirs) <= TOL
@@ -112,34 +120,38 @@ def test_dpmpp_2m_matches_diffusers_multistep(prediction_type: str, steps: int, 
                                                   lower_order_final=True, final_sigmas_type=final,
                                                   prediction_type=prediction_type)
     sched.set_timesteps(steps)
-    ours_t = linspace_timesteps(steps, T)
-    np.testing.assert_array_equal(sched.timesteps.numpy(), ours_t)
+    timesteps = dpm_solver_timesteps(steps, T)
+    np.testing.assert_array_equal(sched.timesteps.numpy(), timesteps)
     theirs = run_diffusers(sched, x_T())
     s = schedule()
-    final_alpha_bar = 1.0 if final == "zero" else float(s.alphas_cumprod[0])
-    ours = dpmpp_2m(Denoiser(model_fn, s, PARAM[prediction_type]), s, ours_t, x_T(), final_alpha_bar=final_alpha_bar)
+    sigmas = torch.cat([s.t_to_sigma(timesteps), torch.tensor([0.0 if final == "zero" else s.sigma_min]).double()])
+    ours = run_ours(dpmpp_2m, sigmas, PARAM[prediction_type], x_T())
     assert rel_diff(ours, theirs) <= TOL
 
 
+class GeneratorNoise:
+    """Draws from one torch.Generator in call order, as diffusers' schedulers do with `generator=`."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def randn(self, shape, dtype=torch.float32):
+        return torch.randn(tuple(shape), generator=self.gen, dtype=dtype)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddpm_ancestral_matches_diffusers_ddpm(prediction_type: str) -> None:
+@pytest.mark.parametrize("steps", [50, 10])
+def test_ddpm_matches_diffusers_ddpm(prediction_type: str, steps: int) -> None:
+    """Every timestep of a 50-step schedule (the original sampler), and 10 of them (the strided posterior)."""
     s = NoiseSchedule.from_config("linear", 50, linear_start=1e-3, linear_end=0.2)
     sched = diffusers.DDPMScheduler(num_train_timesteps=50, trained_betas=s.betas.numpy(), variance_type="fixed_small",
                                     clip_sample=False, prediction_type=prediction_type)
-    sched.set_timesteps(50)
-    x = x_T()
-    gen = torch.Generator().manual_seed(2)
+    sched.set_timesteps(steps)
+    x, gen = x_T(), torch.Generator().manual_seed(2)
     theirs = x.clone()
     for t in sched.timesteps:
         theirs = sched.step(model_fn(theirs, t.expand(2) * 20), t, theirs, generator=gen).prev_sample
-
-    class GeneratorNoise:
-        def __init__(self):
-            self.gen = torch.Generator().manual_seed(2)
-
-        def randn(self, shape, dtype=torch.float32):
-            return torch.randn(tuple(shape), generator=self.gen, dtype=dtype)
-
-    ours = ddpm_ancestral(Denoiser(lambda x, t: model_fn(x, t * 20), s, PARAM[prediction_type]), s, x,
-                          noise=GeneratorNoise())
+    sigmas = torch.cat([s.t_to_sigma(sched.timesteps), torch.zeros(1).double()])
+    ours = ddpm(Denoiser(lambda x, t: model_fn(x, t * 20), s, PARAM[prediction_type]), sigmas, s.to_ve(x, sigmas[0]),
+                noise=GeneratorNoise(2))
     assert rel_diff(ours, theirs) <= TOL

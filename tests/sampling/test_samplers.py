@@ -1,4 +1,9 @@
-"""Properties of the sampler functions in ldm.sampling.samplers, on small closed-form models."""
+"""The sampler contract, checked for every sampler of the registry on closed-form and nonlinear toy models.
+
+Each registered sampler (ldm.sampling.SAMPLERS) must land an exact model of a point mass on it for every
+parameterization and process (including an infinite first level), report every step, keep the inpainting region,
+and -- when stochastic -- draw batch-invariant per-sample noise.
+"""
 from __future__ import annotations
 
 import math
@@ -6,101 +11,72 @@ import math
 import pytest
 import torch
 
-from ldm.modules.diffusionmodules.util import make_ddim_timesteps
-from ldm.sampling import Denoiser, NoiseSchedule, SeededNoise
+from ldm.sampling import SAMPLERS, Denoiser, SeededNoise
 from ldm.sampling.parameterization import training_target
-from ldm.sampling.samplers import (
-    adams_bashforth,
-    ddim,
-    ddim_inversion,
-    ddpm_ancestral,
-    dpmpp_2m,
-    linspace_timesteps,
-    plms,
-)
+from ldm.sampling.samplers.ddim import ddim, ddim_inversion
+from ldm.sampling.samplers.plms import adams_bashforth
+from ldm.sampling.schedule import EDMSchedule, FlowSchedule, NoiseSchedule, spacing
 
 T = 1000
 SHAPE = (2, 4, 8, 8)
-SCHEDULE = NoiseSchedule.from_config("linear", T, linear_start=0.00085, linear_end=0.012)
-SHORT = NoiseSchedule.from_config("linear", 50, linear_start=1e-3, linear_end=0.2)  # for all-step ancestral runs
+VP = NoiseSchedule.from_config("linear", T, linear_start=0.00085, linear_end=0.012)
+VP_ZSNR = NoiseSchedule.from_config("linear", T, linear_start=0.00085, linear_end=0.012, zero_terminal_snr=True)
+FLOW = FlowSchedule(shift=3.0)
+EDM = EDMSchedule()
 MU = torch.linspace(-0.9, 0.9, math.prod(SHAPE[1:])).reshape(SHAPE[1:])
+NAMES = sorted(SAMPLERS)
+STOCHASTIC = [name for name in NAMES if SAMPLERS[name].stochastic]
 
 
-def gaussian_model(schedule: NoiseSchedule, parameterization: str, std: float = 0.0):
-    """The exact model for data x0 ~ N(MU, std^2 I), answering in the given parameterization.
+def level(schedule, time: torch.Tensor) -> torch.Tensor:
+    """The VE level of a network time input (the inverse of schedule.model_time)."""
+    time = time.double().cpu()
+    if isinstance(schedule, FlowSchedule):
+        return FlowSchedule.level(time / 1000)
+    if isinstance(schedule, EDMSchedule):
+        return (4 * time).exp()
+    return schedule.t_to_sigma(time)
 
-    E[x0 | x_t] = MU + sqrt(a) std^2 / (a std^2 + 1 - a) (x_t - sqrt(a) MU); std=0 is a point mass at MU.
-    """
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = schedule.alpha_bar(t, x.ndim)
-        x0 = MU + a.sqrt() * std**2 / (a * std**2 + 1 - a) * (x - a.sqrt() * MU)
-        return training_target(parameterization, x0, (x - a.sqrt() * x0) / (1 - a).sqrt(), a)
+
+def gaussian_model(schedule, parameterization: str, std: float = 0.0) -> Denoiser:
+    """The exact network for data x0 ~ N(MU, std^2 I) (std=0: a point mass), answering in `parameterization`:
+    E[x0 | x] = MU + std^2 / (std^2 + s^2) (x - MU) on the VE-normalised x."""
+    def fn(net_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        s = level(schedule, time)
+        alpha, sigma = (v.reshape(-1, 1, 1, 1).float() for v in schedule.alpha_sigma(s))
+        x_t = net_in  # (no edm models here: the network input is x_t)
+        gain = (std**2 / (std**2 + s**2)).reshape(-1, 1, 1, 1).float()
+        x0 = MU + torch.where(alpha > 0, gain * (x_t / alpha.clamp(min=1e-30) - MU), torch.zeros_like(x_t))
+        return training_target(parameterization, x0, (x_t - alpha * x0) / sigma, alpha, sigma)
 
     return Denoiser(fn, schedule, parameterization)
 
 
-def nonlinear(schedule: NoiseSchedule = SCHEDULE, parameterization: str = "eps") -> Denoiser:
-    """A deterministic nonlinear per-pixel model."""
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t.float().reshape(-1, 1, 1, 1) / schedule.num_timesteps
-        return torch.tanh(0.8 * x + torch.sin(6 * tt)) * (0.6 + tt)
+def nonlinear(schedule=VP, parameterization: str = "eps") -> Denoiser:
+    """A deterministic nonlinear per-pixel network."""
+    def fn(net_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        tt = (time.double() / (T if isinstance(schedule, NoiseSchedule) else 1000)).float().reshape(-1, 1, 1, 1)
+        return torch.tanh(0.8 * net_in + torch.sin(6 * tt)) * (0.6 + tt)
 
     return Denoiser(fn, schedule, parameterization)
 
 
-def x_T(batch: int = SHAPE[0], seed: int = 0) -> torch.Tensor:
+def noise_like(batch: int = SHAPE[0], seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, *SHAPE[1:], generator=torch.Generator().manual_seed(seed))
 
 
-DDIM_T = make_ddim_timesteps("uniform", 20, T)[::-1]
+def ladder(name: str, schedule, steps: int = 12) -> torch.Tensor:
+    """The sampler's default spacing on a finite schedule, trailing / linspace where the first level is pure noise."""
+    kind = SAMPLERS[name].spacing
+    if math.isinf(schedule.sigma_max):
+        kind = "trailing" if isinstance(schedule, NoiseSchedule) else "linspace"
+    return spacing(kind, steps, schedule)
 
 
-def run(name: str, denoise, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Run one of the samplers on its usual timesteps, ending on a clean sample."""
-    if name == "ancestral":
-        return ddpm_ancestral(denoise, SHORT, x, **kwargs)
-    if name == "dpmpp_2m":
-        return dpmpp_2m(denoise, SCHEDULE, linspace_timesteps(20, T), x, **kwargs)
-    if name == "plms":
-        return plms(denoise, SCHEDULE, DDIM_T, x, final_alpha_bar=1.0, **kwargs)
-    eta = 1.0 if name == "ddim_eta1" else 0.0
-    return ddim(denoise, SCHEDULE, DDIM_T, x, eta=eta, final_alpha_bar=1.0, **kwargs)
-
-
-def schedule_of(name: str) -> NoiseSchedule:
-    return SHORT if name == "ancestral" else SCHEDULE
-
-
-SAMPLERS = ["ddim", "ddim_eta1", "plms", "dpmpp_2m", "ancestral"]
-DETERMINISTIC = ["ddim", "plms", "dpmpp_2m"]
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
-def test_exact_model_of_a_point_mass_lands_on_it(name: str, parameterization: str) -> None:
-    out = run(name, gaussian_model(schedule_of(name), parameterization), x_T())
-    torch.testing.assert_close(out, MU.expand(SHAPE), atol=2e-4, rtol=0)
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_callback_sees_every_step_and_the_result(name: str) -> None:
-    seen: list[dict] = []
-    out = run(name, nonlinear(schedule_of(name)), x_T(), callback=seen.append)
-    assert [s["i"] for s in seen] == list(range(len(seen))) and len(seen) > 1
-    assert all(s["t"] > n["t"] for s, n in zip(seen, seen[1:]))
-    assert torch.equal(seen[-1]["x"], out) and seen[-1]["x0"].shape == out.shape
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_inpainting_with_full_mask_returns_x0(name: str) -> None:
-    known = x_T(seed=5).clamp(-1, 1)
-    seen: list[dict] = []
-    out = run(name, nonlinear(schedule_of(name)), x_T(), mask=torch.ones(SHAPE), x0=known, callback=seen.append)
-    # the known region is pasted in at the last evaluated timestep: the rest is that step's noise level
-    a_last = float(schedule_of(name).alphas_cumprod[seen[-1]["t"]])
-    assert (out - known).abs().max() <= 6 * math.sqrt(1 - a_last)
-    free = run(name, nonlinear(schedule_of(name)), x_T())
-    assert (free - known).abs().max() > 10 * math.sqrt(1 - a_last)
+def run(name: str, denoise: Denoiser, x_T: torch.Tensor, schedule=VP, steps: int = 12, **kwargs) -> torch.Tensor:
+    """Sample from pure noise x_T (process scale) down to a clean sample with the sampler's default ladder."""
+    sigmas = ladder(name, schedule, steps)
+    return SAMPLERS[name].fn(denoise, sigmas, schedule.to_ve(x_T, sigmas[0]), **kwargs)
 
 
 class ZeroNoise:
@@ -108,46 +84,101 @@ class ZeroNoise:
         return torch.zeros(tuple(shape), dtype=dtype)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("process,parameterization", [
+    ("vp", "eps"), ("vp", "x0"), ("vp", "v"), ("zsnr", "v"), ("zsnr", "x0"), ("flow", "flow"), ("flow", "v"),
+])
+def test_exact_model_of_a_point_mass_lands_on_it(name: str, process: str, parameterization: str) -> None:
+    schedule = {"vp": VP, "zsnr": VP_ZSNR, "flow": FLOW}[process]
+    out = run(name, gaussian_model(schedule, parameterization), noise_like(), schedule)
+    torch.testing.assert_close(out, MU.expand(SHAPE), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_callback_sees_every_step_and_the_result(name: str) -> None:
+    seen: list[dict] = []
+    out = run(name, nonlinear(), noise_like(), callback=seen.append)
+    sigmas = ladder(name, VP).tolist()
+    assert [s["i"] for s in seen] == list(range(len(sigmas) - 1))
+    assert [s["sigma"] for s in seen] == sigmas[:-1] and [s["sigma_next"] for s in seen] == sigmas[1:]
+    assert torch.equal(seen[-1]["x"], out) and seen[-1]["denoised"].shape == out.shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inpainting_with_full_mask_returns_x0(name: str) -> None:
+    known = noise_like(seed=5).clamp(-1, 1)
+    seen: list[dict] = []
+    out = run(name, nonlinear(), noise_like(), mask=torch.ones(SHAPE), x0=known, callback=seen.append)
+    # pasted in before the last step's evaluation: what is left is of the order of that level
+    assert (out - known).abs().max() <= 6 * seen[-1]["sigma"]
+    free = run(name, nonlinear(), noise_like())
+    assert (free - known).abs().max() > 10 * seen[-1]["sigma"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_inpainting_with_empty_mask_is_the_unmasked_run(name: str) -> None:
     # the inpainting noise is drawn from the same source, so stochastic samplers get a silent one here
-    noise = None if name in DETERMINISTIC else ZeroNoise()
-    plain = run(name, nonlinear(schedule_of(name)), x_T(), noise=noise)
-    masked = run(name, nonlinear(schedule_of(name)), x_T(), noise=noise, mask=torch.zeros(SHAPE), x0=x_T(seed=9))
+    noise = ZeroNoise() if SAMPLERS[name].stochastic else None
+    plain = run(name, nonlinear(), noise_like(), noise=noise)
+    masked = run(name, nonlinear(), noise_like(), noise=noise, mask=torch.zeros(SHAPE), x0=noise_like(seed=9))
     torch.testing.assert_close(masked, plain, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ddim_eta1", "ancestral"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_seeded_samples_do_not_depend_on_the_batch(name: str, dropout: float) -> None:
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_seeded_samples_do_not_depend_on_the_batch(name: str) -> None:
     seeds = [11, 12, 13, 14, 15, 16, 17, 18]
-    batch = run(name, nonlinear(schedule_of(name)), SeededNoise(seeds).randn((8, *SHAPE[1:])),
-                noise=SeededNoise(seeds), noise_dropout=dropout)
+    batch = run(name, nonlinear(), SeededNoise(seeds).randn((8, *SHAPE[1:])), noise=SeededNoise(seeds))
     for i in (0, 5):
-        alone = run(name, nonlinear(schedule_of(name)), SeededNoise([seeds[i]]).randn((1, *SHAPE[1:])),
-                    noise=SeededNoise([seeds[i]]), noise_dropout=dropout)
+        alone = run(name, nonlinear(), SeededNoise([seeds[i]]).randn((1, *SHAPE[1:])), noise=SeededNoise([seeds[i]]))
         torch.testing.assert_close(alone[0], batch[i], atol=1e-6, rtol=0)
     assert not torch.allclose(batch[0], batch[1])
+    other = run(name, nonlinear(), SeededNoise(seeds).randn((8, *SHAPE[1:])), noise=SeededNoise([s + 100 for s in seeds]))
+    assert not torch.allclose(other, batch)  # the step noise matters, not only the start
 
 
-@pytest.mark.parametrize("name", ["ddim_eta1", "ancestral"])
-def test_zero_temperature_removes_the_randomness(name: str) -> None:
-    a = run(name, nonlinear(schedule_of(name)), x_T(), noise=SeededNoise([1, 2]), temperature=0.0)
-    b = run(name, nonlinear(schedule_of(name)), x_T(), noise=SeededNoise([3, 4]), temperature=0.0)
-    c = run(name, nonlinear(schedule_of(name)), x_T(), noise=SeededNoise([3, 4]))
-    assert torch.equal(a, b) and not torch.allclose(a, c)
+@pytest.mark.parametrize("name", [name for name in NAMES if not SAMPLERS[name].stochastic])
+def test_deterministic_samplers_draw_no_noise(name: str) -> None:
+    runs = [run(name, nonlinear(), noise_like(), noise=SeededNoise(seeds)) for seeds in ([1, 2], [3, 4])]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("name,options", [("ddim", {"eta": 1.0}), ("ddpm", {})])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_temperature_and_noise_dropout(name: str, options: dict, dropout: float) -> None:
+    cold = [run(name, nonlinear(), noise_like(), noise=SeededNoise(s), temperature=0.0, noise_dropout=dropout,
+                **options) for s in ([1, 2], [3, 4])]
+    warm = run(name, nonlinear(), noise_like(), noise=SeededNoise([3, 4]), noise_dropout=dropout, **options)
+    assert torch.equal(cold[0], cold[1]) and not torch.allclose(cold[0], warm)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_ancestral", "dpmpp_2m"])
+def test_an_infinite_first_level_is_the_limit_of_a_finite_one(name: str) -> None:
+    """From pure noise (flow at t = 1) the first step is the limit sigma_max -> inf of the finite one."""
+    denoise, x_T = nonlinear(FLOW, "flow"), noise_like()
+    sigmas = spacing("linspace", 8, FLOW)
+    exact = SAMPLERS[name].fn(denoise, sigmas, x_T, noise=ZeroNoise())
+    errors = []
+    for big in (1e2, 1e4):
+        finite = sigmas.clone()
+        finite[0] = big
+        approx = SAMPLERS[name].fn(denoise, finite, FLOW.to_ve(x_T, big), noise=ZeroNoise())
+        errors.append(float((approx - exact).abs().max()))
+    if name == "dpmpp_2m":  # the 2M correction weighs the previous step by h / h_last: it fades like 1 / log(sigma)
+        assert errors[1] < 0.7 * errors[0]
+    else:  # first-order steps: the difference falls like 1 / sigma
+        assert errors[1] < 1e-3 and errors[1] < errors[0] / 20
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_ddim_inversion_then_ddim_returns_the_input(parameterization: str) -> None:
-    denoise = gaussian_model(SCHEDULE, parameterization, std=0.5)
-    x0 = MU + 0.5 * x_T(seed=3)
+    denoise = gaussian_model(VP, parameterization, std=0.5)
+    x0 = MU + 0.5 * noise_like(seed=3)
     errors = []
     for n in (50, 100):
-        steps = make_ddim_timesteps("uniform", n, T)
-        latent = ddim_inversion(denoise, SCHEDULE, steps, x0)
-        assert latent.std() > 0.9  # it did reach (nearly) pure noise
-        back = ddim(denoise, SCHEDULE, steps[::-1], latent)
+        sigmas = spacing("uniform", n, VP, final="min")
+        latent = ddim_inversion(denoise, sigmas.flip(0), x0, schedule=VP)
+        assert (VP.from_ve(latent, sigmas[0])).std() > 0.9  # it did reach (nearly) pure noise
+        back = ddim(denoise, sigmas, latent)
         errors.append(float((back - x0).abs().max() / x0.abs().max()))
     # a first-order method: small, and halving with twice the steps
     assert errors[0] < 0.05 and errors[1] < 0.6 * errors[0]
@@ -160,23 +191,70 @@ def test_adams_bashforth_is_exact_on_polynomials_of_its_order() -> None:
     assert torch.isclose(adams_bashforth(f[3], []), f[3])
 
 
-def test_linspace_timesteps_are_diffusers_linspace() -> None:
-    assert linspace_timesteps(10, 1000).tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
-    with pytest.raises(ValueError, match="sampling steps"):
-        linspace_timesteps(0, 1000)
+def test_the_denoiser_feeds_each_process_its_time_and_scale() -> None:
+    seen = {}
+
+    def fn(net_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        seen["in"], seen["t"] = net_in, time
+        return torch.zeros_like(net_in)
+
+    x = noise_like()
+    Denoiser(fn, VP)(x, VP.sigmas[[981, 1]])
+    assert seen["t"].dtype == torch.long and seen["t"].tolist() == [981, 1]
+    torch.testing.assert_close(seen["in"], VP.from_ve(x, VP.sigmas[[981, 1]]))
+    Denoiser(fn, VP)(x, torch.tensor([3.0, 0.5]))
+    assert seen["t"].dtype == torch.float32 and torch.allclose(seen["t"], VP.sigma_to_t(torch.tensor([3.0, 0.5])).float())
+    Denoiser(fn, FLOW, "flow")(x, math.inf)
+    assert torch.equal(seen["in"], x) and seen["t"].tolist() == [1000, 1000]  # pure noise, held as x_T
+    out = Denoiser(fn, EDM, "edm")(x, 2.0)
+    torch.testing.assert_close(seen["in"], x / math.sqrt(4.25)) and torch.testing.assert_close(seen["t"], torch.full((2,), math.log(2) / 4))
+    torch.testing.assert_close(out, x * 0.25 / 4.25)  # c_skip x when the network outputs 0
+    with pytest.raises(ValueError, match="eps-prediction model cannot denoise pure noise"):
+        Denoiser(fn, VP_ZSNR, "eps")(x, math.inf)
 
 
 def test_clear_errors() -> None:
-    den, x = nonlinear(), x_T()
-    with pytest.raises(ValueError, match="consecutive"):
-        ddpm_ancestral(den, SCHEDULE, x, timesteps=[10, 8])
+    den, x = nonlinear(), noise_like()
     with pytest.raises(ValueError, match="strictly decreasing"):
-        ddim(den, SCHEDULE, [1, 21], x)
-    with pytest.raises(ValueError, match=r"lie in \[0, 999\]"):
-        dpmpp_2m(den, SCHEDULE, [1000, 500], x)
+        ddim(den, [1.0, 2.0, 0.0], x)
+    with pytest.raises(ValueError, match="at least two levels"):
+        ddim(den, [1.0], x)
+    with pytest.raises(ValueError, match="only the first level may be inf"):
+        ddim(den, [5.0, math.inf, 0.0], x)
     with pytest.raises(ValueError, match="needs `x0`"):
-        plms(den, SCHEDULE, [500, 1], x, mask=torch.ones(SHAPE))
+        SAMPLERS["plms"].fn(den, [5.0, 1.0, 0.0], x, mask=torch.ones(SHAPE))
     with pytest.raises(ValueError, match="too large"):
-        ddim(den, SCHEDULE, [999, 1], x, eta=5.0)
+        ddim(den, [14.0, 1.0], x, eta=5.0)
     with pytest.raises(ValueError, match="increasing"):
-        ddim_inversion(den, SCHEDULE, [21, 1], x)
+        ddim_inversion(den, [2.0, 1.0], x, schedule=VP)
+
+
+class ConditionalModel:
+    """The exact network for data N(MU, I) with a small conditional gain, seen through the Sampler adapter (apply_model,
+    schedule, parameterization): at low noise it reproduces what it is given, as a trained model would."""
+
+    def __init__(self, schedule, parameterization: str):
+        self.schedule, self.parameterization = schedule, parameterization
+        self.num_timesteps, self.device = schedule.num_timesteps, torch.device("cpu")
+        self.network = gaussian_model(schedule, parameterization, std=1.0).model_fn
+
+    def apply_model(self, x, t, cond):
+        return self.network(x, t) * (1 + 0.02 * cond.reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("process,parameterization", [("vp", "x0"), ("vp", "v"), ("flow", "flow")])
+def test_x0_v_and_flow_models_with_guidance_and_a_mask(name: str, process: str, parameterization: str) -> None:
+    from ldm.models.diffusion.sampler import Sampler
+
+    model = ConditionalModel(VP if process == "vp" else FLOW, parameterization)
+    known = noise_like(seed=4).clamp(-1, 1)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    kw = dict(conditioning=torch.tensor([1.0, -1.0]), unconditional_conditioning=torch.zeros(2),
+              unconditional_guidance_scale=3.0, verbose=False, seeds=[1, 2])
+    seen: list[int] = []
+    out, _ = Sampler(model, name).sample(10, 2, SHAPE[1:], mask=mask, x0=known, callback=seen.append, **kw)
+    free, _ = Sampler(model, name).sample(10, 2, SHAPE[1:], **kw)
+    assert bool(torch.isfinite(out).all()) and seen == list(range(10))
+    assert (out - known)[..., :4].abs().max() < 0.25 and (free - known)[..., :4].abs().max() > 1.0

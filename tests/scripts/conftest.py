@@ -75,6 +75,11 @@ def model_config(kind):
                                                    "max_noise_level": 350}})
         params["unet_config"]["params"]["num_classes"] = 1000
         return {"model": {"target": "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", "params": params}}
+    elif kind == "conditioner":  # captions through a GeneralConditioner, dropped to zeros for guidance
+        embedder = {**BERT, "input_key": "caption", "ucg_rate": 0.1, "is_trainable": True}
+        params.update(conditioning_key="crossattn", unet_config=unet(context_dim=32),
+                      cond_stage_config={"target": "ldm.modules.encoders.conditioner.GeneralConditioner",
+                                         "params": {"emb_models": [embedder]}})
     elif kind == "ldm-inpaint":  # latent-diffusion's inpainting model: masked image through the first stage + mask
         params.update(cond_stage_key="masked_image", conditioning_key="concat", unet_config=unet(in_channels=9),
                       cond_stage_config="__is_first_stage__")
@@ -115,7 +120,7 @@ def make_run(root, kind, name=None):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)  # the tokenizer path is relative to the repository root, as main.py runs there
         model = instantiate_from_config(config.model)
-    optimizer = train_text_model(model) if kind == "text" else None
+    optimizer = train_text_model(model) if kind in ("text", "conditioner") else None
     logdir = Path(root) / f"{NOW}_{name or kind}"
     (logdir / "configs").mkdir(parents=True)
     (logdir / "checkpoints").mkdir()

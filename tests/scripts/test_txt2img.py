@@ -118,3 +118,25 @@ def test_command_line_prints_one_error_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --ckpt: checkpoint '{tmp_path / 'none.ckpt'}' does not exist"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_conditioner_text_model_samples_with_its_trained_null(scripts, tiny_runs, tmp_path):
+    """A GeneralConditioner text model goes through the same script; guidance's null is what its embedder was
+    trained to drop to (zeros), not the empty caption."""
+    import torch
+
+    from ldm import inference as inf
+
+    run_dir = tiny_runs("conditioner").logdir
+    out = tmp_path / "out"
+    assert run(scripts, ["-r", run_dir, "--prompt", PROMPT, "--outdir", out, *SMALL]) == 0
+    assert len(list((out / "samples").glob("*.png"))) == 2
+    model, _, _ = inf.load_from_args(scripts("txt2img").get_parser().parse_args(["-r", str(run_dir),
+                                                                                 "--device", "cpu"]))
+    assert inf.is_text_model(model)
+    c, uc = inf.text_conditioning(model, [PROMPT, "a blue square on a black background"], 3.0)
+    assert set(c) == set(uc) == {"crossattn"} and c["crossattn"].shape[0] == 2
+    assert c["crossattn"].abs().sum() > 0 and not uc["crossattn"].any()
+    with torch.no_grad():
+        torch.testing.assert_close(c["crossattn"], model.cond_stage_model.embedders[0]([PROMPT, "a blue square on a "
+                                                                                         "black background"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,23 +20,32 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import with_x0_fn, x0_postprocess
 from ldm.modules.ema import LitEma
-from ldm.sampling import Denoiser, NoiseSchedule, check_parameterization, make_noise, training_target
+from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the original ddpm name
+    CONDITIONING_KEYS,
+    LEGACY_SLOTS,
+    check_conditioning_key,
+    to_roles,
+)
+from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
+from ldm.sampling.denoiser import ModelFn, X0Fn, x0_hook
 from ldm.sampling.parameterization import to_prediction
-from ldm.sampling.samplers import ddpm_ancestral
-from ldm.util import count_params, default, fused_adam_kwargs, instantiate_from_config, load_state_dict
+from ldm.sampling.samplers.ddpm import ddpm
+from ldm.sampling.schedule import build_schedule
+from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
+    ConfigError,
+    count_params,
+    default,
+    disabled_train,
+    fused_adam_kwargs,
+    instantiate_from_config,
+    load_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 LOSS_TYPES = ("l1", "l2")
-
-
-def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement for `nn.Module.train` that keeps a frozen module in eval mode."""
-    return self
 
 
 def uniform_on_device(r1: float, r2: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -79,80 +89,116 @@ class DDPM(pl.LightningModule):
         ucg_training: Any = None,
         reset_ema: bool = False,
         reset_num_ema_updates: bool = False,
+        process_config: Any = None,
     ):
         super().__init__()
         self.parameterization = check_parameterization(parameterization)
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type '{loss_type}' unknown; expected one of {', '.join(LOSS_TYPES)}")
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
         self.cond_stage_model = None
+        self._set_data_options(first_stage_key, image_size, channels, log_every_t, clip_denoised,
+                               use_positional_encodings)
+        self._build_model(unet_config, conditioning_key, use_ema)
+        self._set_optimization_options(scheduler_config, monitor, make_it_fit)
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                               process_config=process_config)
+        self._init_logvar(learn_logvar, logvar_init)
+        self.ucg_training = dict(ucg_training or {})
+        self.ucg_prng = np.random.RandomState()
+        self._restore_from_checkpoint(ckpt_path, ignore_keys, load_only_unet, reset_ema, reset_num_ema_updates)
+
+    def _set_data_options(self, first_stage_key: str, image_size: int, channels: int, log_every_t: int,
+                          clip_denoised: bool, use_positional_encodings: bool) -> None:
+        """What the model reads from a batch and produces, and how often sampling rows are logged."""
+        if use_positional_encodings:
+            raise ConfigError("model.params.use_positional_encodings: true is not supported (the original stored it "
+                              "and, in LatentDiffusion.get_input, called a compute_latent_shifts it never defined); "
+                              "leave it false")
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
         self.use_positional_encodings = use_positional_encodings
+
+    def _build_model(self, unet_config: Any, conditioning_key: Any, use_ema: bool) -> None:
+        """The denoising network in its DiffusionWrapper (`model`), and its EMA (`model_ema`) when use_ema."""
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         count_params(self.model, verbose=True)
         self.use_ema = use_ema
         if self.use_ema:
             self.model_ema = LitEma(self.model)
             logger.info("Keeping EMAs of %d parameters.", len(list(self.model_ema.buffers())))
+
+    def _set_optimization_options(self, scheduler_config: Any, monitor: str | None, make_it_fit: bool) -> None:
+        """The LR scheduler config, the monitored metric and make_it_fit (checkpoint loading)."""
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
             self.scheduler_config = scheduler_config
-        self.v_posterior = v_posterior
-        self.original_elbo_weight = original_elbo_weight
-        self.l_simple_weight = l_simple_weight
         if monitor is not None:
             self.monitor = monitor
         self.make_it_fit = make_it_fit
-        self.loss_type = loss_type
-        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+
+    def _init_logvar(self, learn_logvar: bool, logvar_init: float) -> None:
+        """The per-timestep log-variance of the loss: a parameter when learned, else a constant tensor."""
         self.learn_logvar = learn_logvar
         logvar = torch.full(fill_value=float(logvar_init), size=(self.num_timesteps,))
         self.logvar = nn.Parameter(logvar, requires_grad=True) if learn_logvar else logvar
-        self.ucg_training = dict(ucg_training or {})
-        self.ucg_prng = np.random.RandomState()
+
+    def _restore_from_checkpoint(self, ckpt_path: str | None, ignore_keys: Any, only_model: bool, reset_ema: bool,
+                                 reset_num_ema_updates: bool) -> None:
+        """Load ckpt_path when given; reset_ema restarts the EMA from the loaded weights, reset_num_ema_updates
+        its update count."""
         if reset_ema and ckpt_path is None:
             raise ValueError("reset_ema=True needs a ckpt_path to reset from")
+        if (reset_ema or reset_num_ema_updates) and not self.use_ema:
+            raise ValueError("reset_ema / reset_num_ema_updates need use_ema=True")
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=only_model)
             if reset_ema:
                 logger.info("Resetting the EMA to the loaded weights.")
                 self.model_ema = LitEma(self.model)
         if reset_num_ema_updates:
-            if not self.use_ema:
-                raise ValueError("reset_num_ema_updates=True needs use_ema=True")
             self.model_ema.reset_num_updates()
 
     # ------------------------------------------------------------------ schedule
     def register_schedule(self, given_betas: Any = None, beta_schedule: str = "linear", timesteps: int = 1000,
-                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
-        """Build the NoiseSchedule and register its tensors under the original buffer names."""
-        self.schedule = NoiseSchedule.from_config(
-            beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas, v_posterior=self.v_posterior
-        )
+                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
+                          process_config: Any = None) -> None:
+        """Build the model's one schedule (`process_config`, default the discrete VP schedule of the beta
+        parameters) and register its tensors under the original buffer names, which checkpoints hold."""
+        self.schedule = build_schedule(process_config, beta_schedule=beta_schedule, timesteps=timesteps,
+                                       linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                                       given_betas=given_betas, v_posterior=self.v_posterior)
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
         for name, value in buffers.items():
             self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+
+    def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
+        parameterizations (and processes) the original had no VLB weight for."""
+        if not buffers or self.parameterization not in ("eps", "x0"):
+            return torch.ones(self.num_timesteps)
         betas, alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
-        # VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them
         if self.parameterization == "eps":
             lvlb = betas**2 / (2 * buffers["posterior_variance"] * (1 - betas) * (1 - alphas_cumprod))
-        elif self.parameterization == "x0":
-            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         else:
-            lvlb = torch.ones_like(betas)
+            lvlb = 0.5 * alphas_cumprod.sqrt() / (2.0 * 1 - alphas_cumprod)  # sic: the original's expression
         lvlb[0] = lvlb[1]
-        self.register_buffer("lvlb_weights", lvlb, persistent=False)
-        if torch.isnan(self.lvlb_weights).any():
-            raise ValueError("the noise schedule gives NaN VLB weights")
+        if not torch.isfinite(lvlb[-1]):  # zero terminal SNR: beta_T = 1, the weight's (1 - beta) vanishes
+            lvlb[-1] = lvlb[-2]
+        if not torch.isfinite(lvlb).all():
+            raise ValueError("the noise schedule gives non-finite VLB weights")
+        return lvlb
 
     # ------------------------------------------------------------------ checkpoints and EMA
     @contextmanager
@@ -197,29 +243,31 @@ class DDPM(pl.LightningModule):
 
     # ------------------------------------------------------------------ the process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample from q(x_t | x_0)."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        a = self.alphas_cumprod[t].reshape(-1, *((1,) * (x_start.ndim - 1)))
-        return a.sqrt() * x_start + (1 - a).sqrt() * noise
+        """Sample from q(x_t | x_0) (the schedule's forward process)."""
+        return self.schedule.q_sample(x_start, t, noise)
 
-    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return self.alphas_cumprod[t].reshape(-1, *((1,) * (like.ndim - 1))).to(like.dtype)
+    def _alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) of the process at timesteps t, broadcast against `like`."""
+        return self.schedule.coefficients(t, like)
+
+    def _prediction(self, parameterization: str, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        return to_prediction(parameterization, output, x_t, *self._alpha_sigma(t, x_t), self.schedule.sigma_data)
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and eps."""
-        return to_prediction("eps", noise, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("eps", noise, x_t, t).x0
 
     def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x0 from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).x0
+        return self._prediction("v", v, x_t, t).x0
 
     def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """eps from x_t and v."""
-        return to_prediction("v", v, x_t, self._alpha_bar(t, x_t)).eps
+        return self._prediction("v", v, x_t, t).eps
 
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The v target for clean x noised with `noise` at t."""
-        return training_target("v", x, noise, self._alpha_bar(t, x))
+        return training_target("v", x, noise, *self._alpha_sigma(t, x))
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -229,14 +277,20 @@ class DDPM(pl.LightningModule):
         """The raw network output for x_noisy at timesteps t."""
         return self.model(x_noisy, t)
 
-    def denoiser(self, model_fn=None, clip_denoised: bool | None = None) -> Denoiser:
-        """A Denoiser over this model's schedule and parameterization (model_fn defaults to apply_model)."""
+    def denoiser(self, model_fn: ModelFn | None = None, clip_denoised: bool | None = None,
+                 x0_fn: X0Fn | None = None) -> Denoiser:
+        """denoise(x, sigma) -> x0 over this model's schedule and parameterization (`ldm.sampling.denoiser`);
+        model_fn(x, t) defaults to the unconditional apply_model, clip_denoised to the model's."""
         fn = model_fn if model_fn is not None else (lambda x, t: self.apply_model(x, t, None))
-        return Denoiser(fn, self.schedule, self.parameterization, clip_x0=default(clip_denoised, self.clip_denoised))
+        clip = default(clip_denoised, self.clip_denoised)
+        if clip:
+            x0_fn = x0_hook(clip=True, quantize=x0_fn)
+        return Denoiser(fn, self.schedule, self.parameterization, x0_fn=x0_fn)
 
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool):
-        """Mean and variance of p(x_{t-1} | x_t)."""
-        x0 = self.denoiser(clip_denoised=clip_denoised)(x, t).x0
+        """Mean and variance of p(x_{t-1} | x_t) at integer timesteps t."""
+        sigma = self.schedule.t_to_sigma(t.cpu())
+        x0 = self.denoiser(clip_denoised=clip_denoised)(self.schedule.to_ve(x, sigma), sigma)
         return self.q_posterior(x0.to(x.dtype), x, t)
 
     @torch.no_grad()
@@ -246,27 +300,31 @@ class DDPM(pl.LightningModule):
         """Ancestral sampling from noise (or x_T) down through `timesteps` (default: all) training steps.
 
         Intermediate latents are kept every log_every_t steps; `seeds` gives per-sample noise
-        (batch-invariant), `step_callback(i, x, x0)` sees every step, and kwargs (mask, x0,
-        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm_ancestral`.
+        (batch-invariant), `step_callback(t, x, x0)` sees every step, and kwargs (mask, x0,
+        temperature, noise_dropout) go to `ldm.sampling.samplers.ddpm.ddpm`.
         """
-        denoise = with_x0_fn(self.denoiser(lambda x, t: self.apply_model(x, t, cond)),
-                             x0_postprocess(self, quantize_x0=quantize_denoised))
+        quantize = (lambda x0: self.first_stage_model.quantize(x0)[0]) if quantize_denoised else None
+        denoise = self.denoiser(lambda x, t: self.apply_model(x, t, cond), x0_fn=quantize)
         noise = make_noise(seeds, self.device)
         img = noise.randn(shape) if x_T is None else x_T
         n_steps = default(timesteps, self.num_timesteps)
+        sigmas = torch.cat([self.schedule.t_to_sigma(torch.arange(n_steps - 1, -1, -1)), torch.zeros(1).double()])
         intermediates = [img]
         progress = tqdm(total=n_steps, desc="Sampling t", disable=not verbose)
 
         def on_step(step: dict) -> None:
             progress.update(1)
-            if step["t"] % self.log_every_t == 0 or step["t"] == n_steps - 1:
-                intermediates.append(step["x"])
+            t, x = n_steps - 1 - step["i"], self.schedule.from_ve(step["x"], step["sigma_next"])
+            if t % self.log_every_t == 0 or t == n_steps - 1:
+                intermediates.append(x)
             if step_callback is not None:
-                step_callback(step["t"], step["x"], step["x0"])
+                step_callback(t, x, step["denoised"])
 
-        img = ddpm_ancestral(denoise, self.schedule, img, timesteps=np.arange(n_steps)[::-1], noise=noise,
-                             callback=on_step, **kwargs)
-        progress.close()
+        try:
+            img = ddpm(denoise, sigmas, self.schedule.to_ve(img, float(sigmas[0])), v_posterior=self.v_posterior,
+                       noise=noise, callback=on_step, **kwargs)
+        finally:
+            progress.close()
         return (img, intermediates) if return_intermediates else img
 
     @torch.no_grad()
@@ -289,7 +347,8 @@ class DDPM(pl.LightningModule):
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
-        target = training_target(self.parameterization, x_start, noise, self._alpha_bar(t, x_start))
+        target = training_target(self.parameterization, x_start, noise, *self._alpha_sigma(t, x_start),
+                                 self.schedule.sigma_data)
         prefix = "train" if self.training else "val"
         loss_per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, x_start.ndim)))
         loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
@@ -311,15 +370,8 @@ class DDPM(pl.LightningModule):
         return self.p_losses(x, t, *args, **kwargs)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
-        """batch[k] as a contiguous float BCHW tensor (datasets give BHWC images)."""
-        if k not in batch:
-            raise KeyError(f"batch has no key '{k}' (keys: {', '.join(map(str, batch))}); check first_stage_key / cond_stage_key")
-        x = batch[k]
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        """The images batch[k] as a float BCHW tensor (see `batch_images`)."""
+        return batch_images(batch, k)
 
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss on a batch."""
@@ -393,17 +445,26 @@ class DDPM(pl.LightningModule):
     # ------------------------------------------------------------------ image logging
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 2, sample: bool = True,
-                   return_keys: list[str] | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, diffusion_row (forward process), samples and denoise_row."""
+                   return_keys: list[str] | None = None, sampler: str | None = None, ddim_steps: int = 50,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, diffusion_row (forward process), samples and denoise_row; samples are ancestral over every
+        timestep, or drawn with `sampler` (a name of ldm.sampling.SAMPLERS) in `ddim_steps` steps."""
         from ldm.models.diffusion.image_logging import rows_to_grid
 
-        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        x = batch_images(batch, self.first_stage_key)[:N].to(self.device)
         n_row = min(x.shape[0], n_row)
         log = {"inputs": x}
         log["diffusion_row"] = rows_to_grid(self._diffusion_row(x[:n_row]))
         if sample:
             with self.ema_scope("Plotting"):
-                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                if sampler is None:
+                    samples, denoise_row = self.sample(batch_size=N, return_intermediates=True)
+                else:
+                    from ldm.models.diffusion.sampler import make_sampler
+
+                    shape = (self.channels, self.image_size, self.image_size)
+                    samples, inter = make_sampler(sampler, self).sample(ddim_steps, N, shape, verbose=False)
+                    denoise_row = inter["x_inter"]
             log["samples"] = samples
             log["denoise_row"] = rows_to_grid(denoise_row)
         if return_keys:
@@ -419,6 +480,23 @@ class DDPM(pl.LightningModule):
                 ts = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
                 row.append(self.q_sample(x, ts, noise))
         return row
+
+
+def batch_images(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """batch[key] as a contiguous float BCHW tensor (see `images_bchw`)."""
+    if key not in batch:
+        raise KeyError(f"batch has no key '{key}' (keys: {', '.join(map(str, batch))}); check first_stage_key / "
+                       "cond_stage_key")
+    return images_bchw(batch[key])
+
+
+def images_bchw(x: Any) -> torch.Tensor:
+    """Images as datasets give them, BHWC (BHW masks get a channel), as a contiguous float BCHW tensor."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
 
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -443,46 +521,31 @@ def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -
 
 
 class DiffusionWrapper(pl.LightningModule):
-    """Holds the denoising network as `diffusion_model` and routes conditioning into it."""
+    """Holds the denoising network as `diffusion_model` and maps the conditioning onto its inputs — the one place
+    that does: the role dict's `concat` is concatenated to x, `crossattn` is the context, `vector` is y."""
 
-    def __init__(self, diff_model_config: Any, conditioning_key: str | None):
+    def __init__(self, diff_model_config: Any, conditioning_key: Any):
         super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown; expected one of {CONDITIONING_KEYS}")
+        self.conditioning_key = check_conditioning_key(conditioning_key)
         self.sequential_cross_attn = diff_model_config.pop("sequential_crossattn", False)
         self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the network with concat / cross-attention / ADM conditioning as configured."""
-        key = self.conditioning_key
-        if key is None:
-            return self.diffusion_model(x, t)
-        if key in ("concat", "hybrid", "hybrid-adm"):
-            self._require(c_concat, "c_concat")
-            x = torch.cat([x, *c_concat], dim=1)
-        context = None
-        if key in ("crossattn", "hybrid", "hybrid-adm", "crossattn-adm"):
-            self._require(c_crossattn, "c_crossattn")
-            context = list(c_crossattn) if self.sequential_cross_attn else torch.cat(c_crossattn, 1)
-        y = None
-        if key in ("hybrid-adm", "crossattn-adm"):
-            if c_adm is None:
-                raise ValueError(f"conditioning_key '{key}' needs c_adm")
-            y = c_adm
-        if key == "adm":
-            self._require(c_crossattn, "c_crossattn")
-            y = c_crossattn[0]
-        if context is None and y is None:
-            return self.diffusion_model(x, t)
-        if y is None:
-            return self.diffusion_model(x, t, context=context)
-        return self.diffusion_model(x, t, context=context, y=y)
+    def roles(self, cond: Any) -> dict[str, Any]:
+        """The role dict of `cond` in any form (role dict, tensor, list, original c_concat/c_crossattn/c_adm dict),
+        read through this model's conditioning_key (see `ldm.modules.encoders.roles.to_roles`)."""
+        return to_roles(cond, self.conditioning_key, self.sequential_cross_attn)
 
-    def _require(self, value: Any, name: str) -> None:
-        if value is None:
-            raise ValueError(f"conditioning_key '{self.conditioning_key}' needs {name}, got None")
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None, c_crossattn: list | None = None,
+                c_adm: torch.Tensor | None = None, *, cond: Any = None) -> torch.Tensor:
+        """The network's output for x at t, conditioned on `cond` (any form) or the original keyword slots."""
+        legacy = {slot: value for slot, value in zip(LEGACY_SLOTS, (c_concat, c_crossattn, c_adm)) if value is not None}
+        if cond is not None and legacy:
+            raise ValueError("DiffusionWrapper: pass the conditioning either as cond= or as c_concat/c_crossattn/c_adm")
+        roles = self.roles(cond if cond is not None else legacy or None)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        return self.diffusion_model(x, t, **inputs)
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
@@ -494,6 +557,10 @@ _REEXPORTS = {
     "LatentFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "LatentInpaintDiffusion": "ldm.models.diffusion.task_models",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.task_models",
+    "LatentDepth2ImageDiffusion": "ldm.models.diffusion.task_models",
+    "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
+    "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
 }
 
 

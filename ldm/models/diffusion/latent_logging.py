@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.image_logging import log_txt_as_img, rows_to_grid
+from ldm.modules.encoders.roles import take
 
 
 def _is_image(x: Any) -> bool:
@@ -65,16 +66,28 @@ class LatentImageLogging:
         x = torch.nn.functional.conv2d(x, weight=self.colorize)
         return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
 
+    @staticmethod
+    def sample_log_options(batch_size: int, ddim_steps: int | None, ddim_eta: float,
+                           sampler: str | None = None) -> dict[str, Any]:
+        """`sample_log`'s keywords for the log_images of this class and of the task models: `sampler` (a name of
+        ldm.sampling.SAMPLERS) in ddim_steps steps, else DDIM when ddim_steps is set, else ancestral; ddim_eta is
+        DDIM's eta (the other registered samplers keep their own)."""
+        if sampler is not None and ddim_steps is None:
+            raise ValueError(f"log_images(sampler='{sampler}') needs ddim_steps, the number of sampling steps")
+        return dict(batch_size=batch_size, ddim=ddim_steps is not None, ddim_steps=ddim_steps, sampler=sampler,
+                    eta=ddim_eta if sampler in (None, "ddim") else None)
+
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 4, sample: bool = True, ddim_steps: int | None = 50,
                    ddim_eta: float = 0.0, return_keys: list[str] | None = None, quantize_denoised: bool = True,
                    inpaint: bool = True, plot_denoise_rows: bool = False, plot_progressive_rows: bool = True,
                    plot_diffusion_rows: bool = True, unconditional_guidance_scale: float = 1.0,
-                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True,
+                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True, sampler: str | None = None,
                    **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Images for the logger under the original keys (see module docstring)."""
+        """Images for the logger under the original keys (see module docstring). Samples are drawn with `sampler`
+        (a name of ldm.sampling.SAMPLERS) in ddim_steps steps when given, else with DDIM when ddim_steps is set (the
+        original), else ancestrally; ddim_eta is DDIM's eta."""
         ema_scope = self.ema_scope if use_ema_scope else (lambda *a, **k: nullcontext())
-        use_ddim = ddim_steps is not None
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
         N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
@@ -82,7 +95,7 @@ class LatentImageLogging:
         log.update(self._conditioning_images(batch, c, xc, (x.shape[2], x.shape[3])))
         if plot_diffusion_rows:
             log["diffusion_row"] = rows_to_grid([self.decode_first_stage(z_t) for z_t in self._diffusion_row(z[:n_row])])
-        sample_kw = dict(batch_size=N, ddim=use_ddim, ddim_steps=ddim_steps, eta=ddim_eta)
+        sample_kw = self.sample_log_options(N, ddim_steps, ddim_eta, sampler)
         if sample:
             with ema_scope("Sampling"):
                 samples, z_denoise_row = self.sample_log(cond=c, **sample_kw)
@@ -94,9 +107,7 @@ class LatentImageLogging:
                     samples, _ = self.sample_log(cond=c, quantize_x0=True, **sample_kw)
                 log["samples_x0_quantized"] = self.decode_first_stage(samples)
         if unconditional_guidance_scale > 1.0:
-            uc = self.get_unconditional_conditioning(N, unconditional_guidance_label)
-            if self.model.conditioning_key == "crossattn-adm":
-                uc = {"c_crossattn": [uc], "c_adm": c["c_adm"]}
+            uc = self.guidance_unconditional(c, N, unconditional_guidance_label, inputs=take(batch, N))
             with ema_scope("Sampling with classifier-free guidance"):
                 samples_cfg, _ = self.sample_log(cond=c, unconditional_guidance_scale=unconditional_guidance_scale,
                                                  unconditional_conditioning=uc, **sample_kw)

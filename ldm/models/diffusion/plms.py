@@ -3,23 +3,24 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import X0Fn, ScheduledSampler, model_denoiser, x0_postprocess
-from ldm.sampling.samplers import Denoise, plms, plms_step
+from ldm.models.diffusion.ddim import ScheduledSampler
+from ldm.models.diffusion.sampler import model_x0_hook
+from ldm.sampling.denoiser import model_denoiser
+from ldm.sampling.samplers.plms import plms_step
 
 
 class PLMSSampler(ScheduledSampler):
     """Pseudo linear multistep sampling (Liu et al. 2022, PNDM) on the DDIM timesteps; eta must be 0.
 
-    `sample(...)` takes the arguments of DDIMSampler.sample, `seeds` included (they fix x_T and the
-    inpainting noise per sample); temperature and noise_dropout have no effect, as in the original.
+    `sample(...)` takes the arguments of DDIMSampler.sample, `seeds` included (they fix x_T and the inpainting
+    noise per sample); temperature and noise_dropout have no effect, as in the original.
     """
 
-    sampler_name = "PLMS"
+    name, title = "plms", "PLMS"
 
-    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
+    def make_schedule(self, ddim_num_steps: int, ddim_discretize: str | None = None, ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
         """As DDIMSampler.make_schedule; PLMS is deterministic, so ddim_eta must be 0."""
         if ddim_eta != 0:
@@ -28,11 +29,6 @@ class PLMSSampler(ScheduledSampler):
 
     plms_sampling = ScheduledSampler.sampling_loop
 
-    def _run(self, denoise: Denoise, steps: np.ndarray, x: torch.Tensor, *, x0_fn: X0Fn | None,
-             temperature: float, noise_dropout: float, **kwargs: Any) -> torch.Tensor:
-        """PLMS; it injects no noise, so temperature and noise_dropout have no effect (as in the original)."""
-        return plms(denoise, self.model.schedule, steps, x, x0_fn=x0_fn, **kwargs)
-
     @torch.no_grad()
     def p_sample_plms(self, x: torch.Tensor, c: Any, t: torch.Tensor, index: int, repeat_noise: bool = False,
                       use_original_steps: bool = False, quantize_denoised: bool = False, temperature: float = 1.0,
@@ -40,16 +36,12 @@ class PLMSSampler(ScheduledSampler):
                       unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
                       old_eps: list[torch.Tensor] | None = None,
                       t_next: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One PLMS step at timestep t (schedule position `index`); returns (x_prev, pred_x0, e_t)."""
+        """One PLMS step at timestep t (schedule position `index`); returns (x_prev, pred_x0, e_t). The pseudo
+        improved Euler step of an empty history evaluates at the level it moves to (`t_next` in the original)."""
         denoise = model_denoiser(self.model, c, unconditional_conditioning, unconditional_guidance_scale,
+                                 x0_fn=model_x0_hook(self.model, quantize_denoised),
                                  score_corrector=score_corrector, corrector_kwargs=corrector_kwargs)
+        sigma, sigma_prev = self._step_levels(t, index, use_original_steps)
         schedule = self.model.schedule
-        if use_original_steps:
-            a_t, a_prev = float(schedule.alphas_cumprod[index]), float(schedule.alphas_cumprod_prev[index])
-        else:
-            a_t, a_prev = float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index])
-        t_int = int(t.reshape(-1)[0])
-        t_next_int = t_int if t_next is None else int(t_next.reshape(-1)[0])
-        history = list(old_eps or [])[-3:]
-        return plms_step(denoise, x, t_int, t_next_int, a_t, a_prev, history,
-                         x0_postprocess(self.model, quantize_denoised))
+        x_prev, pred_x0, e_t = plms_step(denoise, schedule.to_ve(x, sigma), sigma, sigma_prev, list(old_eps or [])[-3:])
+        return schedule.from_ve(x_prev, sigma_prev), pred_x0, e_t

@@ -1,4 +1,4 @@
-"""Task models on top of LatentDiffusion (Stable Diffusion 2): inpainting and latent upscaling.
+"""Task models on top of LatentDiffusion (Stable Diffusion 2): inpainting, depth-to-image and latent upscaling.
 
 `LatentFinetuneDiffusion` adds concatenated conditioning to a text-conditioned LDM and fine-tunes
 it from a checkpoint whose first convolution has fewer input channels: the checkpoint's channels are
@@ -6,7 +6,9 @@ kept and the new ones start at zero (`finetune_keys` / `keep_finetune_dims`), so
 behaves as the original one at initialisation. `LatentInpaintDiffusion` concatenates the
 downsampled mask and the latent of the masked image (4 + 1 + 4 = 9 UNet input channels);
 `LatentUpscaleDiffusion` concatenates a noise-augmented low-resolution image and passes its noise
-level as the UNet's class label (`c_adm`, conditioning_key hybrid-adm). Configs name them as
+level as the UNet's class label (`c_adm`, conditioning_key hybrid-adm). `LatentDepth2ImageDiffusion` concatenates
+the normalised MiDaS depth of the input (5 channels); `LatentUpscaleFinetuneDiffusion` the low-resolution image at
+the latent size (optionally reshuffled, optionally noise-augmented with its level as `c_adm`). Configs name them as
 `ldm.models.diffusion.ddpm.<Class>`.
 """
 from __future__ import annotations
@@ -15,20 +17,37 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ldm.models.diffusion.ddpm import DDPM, _fit_state_dict, disabled_train
+from ldm.models.diffusion.ddpm import _fit_state_dict, batch_images, images_bchw
 from ldm.models.diffusion.image_logging import rows_to_grid
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
-from ldm.util import instantiate_from_config
+from ldm.modules.encoders.conditioner import EmbedderSpec
+from ldm.modules.encoders.roles import take
+from ldm.util import freeze_module, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FINETUNE_KEYS = ("model.diffusion_model.input_blocks.0.0.weight",
                          "model_ema.diffusion_modelinput_blocks00weight")
+RESTORE_OPTIONS = ("ckpt_path", "ignore_keys", "reset_ema", "reset_num_ema_updates")
+
+
+def defer_restore(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the checkpoint options out of a model's kwargs, for a subclass whose own modules (an embedder, a depth
+    stage) the checkpoint also fills: it builds them, then calls `restore_deferred`."""
+    return {key: kwargs.pop(key) for key in RESTORE_OPTIONS if key in kwargs}
+
+
+def restore_deferred(model: LatentDiffusion, options: dict[str, Any]) -> None:
+    """Load the checkpoint named by the options `defer_restore` took, now that every module exists."""
+    model.restarted_from_ckpt = options.get("ckpt_path") is not None
+    model._restore_from_checkpoint(options.get("ckpt_path"), options.get("ignore_keys", ()), False,
+                                   options.get("reset_ema", False), options.get("reset_num_ema_updates", False))
 
 
 class TaskImageLogging:
@@ -38,11 +57,12 @@ class TaskImageLogging:
                            n_row: int, sample: bool, ddim_steps: int | None, ddim_eta: float,
                            plot_denoise_rows: bool, plot_progressive_rows: bool, plot_diffusion_rows: bool,
                            unconditional_guidance_scale: float, unconditional_guidance_label: Any,
-                           ema_scope: Callable) -> None:
-        """Add the forward-process row, samples (plain and guided) and denoising rows to `log`."""
+                           ema_scope: Callable, sampler: str | None = None) -> None:
+        """Add the forward-process row, samples (plain and guided, drawn with `sampler` as LatentDiffusion's
+        log_images draws them) and denoising rows to `log`."""
+        sample_kw = self.sample_log_options(N, ddim_steps, ddim_eta, sampler)
         if plot_diffusion_rows:
             log["diffusion_row"] = rows_to_grid([self.decode_first_stage(z_t) for z_t in self._diffusion_row(z[:n_row])])
-        sample_kw = dict(batch_size=N, ddim=ddim_steps is not None, ddim_steps=ddim_steps, eta=ddim_eta)
         if sample:
             with ema_scope("Sampling"):
                 samples, z_denoise_row = self.sample_log(cond=cond, **sample_kw)
@@ -63,7 +83,7 @@ class TaskImageLogging:
 
     def task_unconditional_conditioning(self, cond: dict[str, Any], batch_size: int, null_label: Any = None) -> dict:
         """Guidance's unconditional input: the text conditioning replaced by the null caption, the rest kept."""
-        return {**cond, "c_crossattn": [self.get_unconditional_conditioning(batch_size, null_label)]}
+        return self.guidance_unconditional(cond, batch_size, null_label)
 
 
 class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
@@ -104,10 +124,19 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
             sd[key] = _fit_state_dict({key: new}, {key: old[:, :self.keep_dims]})[key]
         return sd
 
+    def task_embedders(self, latent_size: Sequence[int]) -> list[tuple[EmbedderSpec, Callable[..., Any]]]:
+        """One concat embedder per `concat_keys` entry, in order: its image resized (nearest) to the latent size."""
+        return [(EmbedderSpec((key,), role="concat", name=f"concat_keys '{key}'"),
+                 partial(self.concat_part, key, tuple(latent_size))) for key in self.concat_keys]
+
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor:
+        """The concat channels of one `concat_keys` input: its images (BHWC) resized (nearest) to the latent size."""
+        return F.interpolate(images_bchw(value).to(self.device), size=latent_size)
+
     @torch.no_grad()
     def concat_conditioning(self, batch: dict, latent_size: Sequence[int], bs: int | None = None) -> torch.Tensor:
-        """The c_concat tensor from `concat_keys` (implemented by subclasses)."""
-        raise NotImplementedError
+        """The c_concat tensor: the `concat_keys` parts joined along the channels."""
+        return self.task_roles(batch, latent_size, bs)["concat"]
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, cond_key: str | None = None, bs: int | None = None,
@@ -115,9 +144,7 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
         """[z, {"c_concat": [...], "c_crossattn": [...]}] (+ x, reconstruction, original conditioning)."""
         z, c, *rest = super().get_input(batch, k, return_first_stage_outputs=return_first_stage_outputs,
                                         force_c_encode=True, cond_key=cond_key, return_original_cond=True, bs=bs)
-        cond = {"c_concat": [self.concat_conditioning(batch, z.shape[-2:], bs)]}
-        if c is not None:
-            cond["c_crossattn"] = [c]
+        cond = self.with_task_roles(c, batch, z.shape[-2:], bs)
         if return_first_stage_outputs:
             return [z, cond, *rest]
         return [z, cond]
@@ -127,9 +154,10 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
                    ddim_eta: float = 1.0, return_keys: list[str] | None = None, quantize_denoised: bool = True,
                    inpaint: bool = True, plot_denoise_rows: bool = False, plot_progressive_rows: bool = True,
                    plot_diffusion_rows: bool = True, unconditional_guidance_scale: float = 1.0,
-                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True,
+                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True, sampler: str | None = None,
                    **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, reconstruction, conditioning, decoded c_concat channels, rows, samples (guided too)."""
+        """inputs, reconstruction, conditioning, decoded c_concat channels, rows, samples (guided too; drawn with
+        `sampler`, a name of ldm.sampling.SAMPLERS, when given)."""
         ema_scope = self.ema_scope if use_ema_scope else (lambda *a, **k: nullcontext())
         z, cond, x, xrec, xc = self.get_input(batch, self.first_stage_key, bs=N, return_first_stage_outputs=True)
         N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
@@ -141,7 +169,7 @@ class LatentFinetuneDiffusion(TaskImageLogging, LatentDiffusion):
             log["c_concat_decoded"] = self.decode_first_stage(c_cat[:, self.c_concat_log_start:self.c_concat_log_end])
         self._log_sampling_rows(log, z, cond, N, n_row, sample, ddim_steps, ddim_eta, plot_denoise_rows,
                                 plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale,
-                                unconditional_guidance_label, ema_scope)
+                                unconditional_guidance_label, ema_scope, sampler)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}
         return log
@@ -159,25 +187,107 @@ class LatentInpaintDiffusion(LatentFinetuneDiffusion):
         super().__init__(concat_keys, *args, **kwargs)
         self.masked_image_key = masked_image_key
 
-    @torch.no_grad()
-    def concat_conditioning(self, batch: dict, latent_size: Sequence[int], bs: int | None = None) -> torch.Tensor:
-        """Masks resized (nearest) to the latent size and masked images encoded by the first stage, concatenated."""
-        parts = []
-        for key in self.concat_keys:
-            cc = DDPM.get_input(self, batch, key)[:bs].to(self.device)
-            if key == self.masked_image_key:
-                cc = self.get_first_stage_encoding(self.encode_first_stage(cc))
-            else:
-                cc = F.interpolate(cc, size=tuple(latent_size))
-            parts.append(cc)
-        return torch.cat(parts, dim=1)
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor:
+        """The masked image encoded by the first stage; masks resized (nearest) to the latent size."""
+        if key != self.masked_image_key:
+            return super().concat_part(key, latent_size, value)
+        return self.get_first_stage_encoding(self.encode_first_stage(images_bchw(value).to(self.device)))
 
     @torch.no_grad()
     def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """The finetune logs plus the masked image the model was given."""
         log = super().log_images(batch, *args, **kwargs)
-        log["masked_image"] = DDPM.get_input(self, batch, self.masked_image_key)
+        log["masked_image"] = batch_images(batch, self.masked_image_key)
         return log
+
+
+class LatentDepth2ImageDiffusion(LatentFinetuneDiffusion):
+    """Depth-to-image (SD 2 `v2-midas-inference.yaml`): the depth stage (`depth_stage_config`, MiDaS) estimates the
+    inverse depth of `concat_keys[0]` (the MiDaS input, BCHW, as `ldm.data.util.AddMiDaS` makes it), resized
+    (bicubic) to the latent and normalised per sample to [-1, 1], as the concat channel (5 UNet input channels)."""
+
+    def __init__(self, depth_stage_config: Any, concat_keys: Sequence[str] = ("midas_in",), *args: Any, **kwargs: Any):
+        if len(concat_keys) != 1:
+            raise ValueError(f"LatentDepth2ImageDiffusion: concat_keys must name one key (the depth model's input), "
+                             f"got {list(concat_keys)}")
+        restore = defer_restore(kwargs)  # the checkpoint holds depth_model.* too
+        super().__init__(concat_keys, *args, **kwargs)
+        self.depth_model = freeze_module(instantiate_from_config(depth_stage_config))
+        self.depth_stage_key = concat_keys[0]
+        restore_deferred(self, restore)
+
+    def depth(self, midas_in: Any, size: Sequence[int] | None = None, eps: float = 0.0) -> torch.Tensor:
+        """The depth stage's output for its input images [B, 3, H, W], resized (bicubic) to `size` when given, and
+        normalised per sample to [-1, 1] (`eps` widens the range, as the conditioning does)."""
+        depth = self.depth_model(torch.as_tensor(midas_in).to(self.device).float())
+        if size is not None:
+            depth = F.interpolate(depth, size=tuple(size), mode="bicubic", align_corners=False)
+        lo, hi = depth.amin(dim=(1, 2, 3), keepdim=True), depth.amax(dim=(1, 2, 3), keepdim=True)
+        return 2.0 * (depth - lo) / (hi - lo + eps).clamp_min(torch.finfo(depth.dtype).tiny) - 1.0  # flat: -1
+
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor:
+        """The depth of the MiDaS input at the latent size, in [-1, 1]."""
+        return self.depth(value, latent_size, eps=0.001)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, N: int = 8, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The finetune logs plus the estimated depth of the first N inputs, in [-1, 1]."""
+        log = super().log_images(batch, N, *args, **kwargs)
+        log["depth"] = self.depth(take(batch[self.depth_stage_key], N))
+        return log
+
+
+class LatentUpscaleFinetuneDiffusion(LatentFinetuneDiffusion):
+    """Upscaling by fine-tuning (SD 2's x4 upscaler variant named by its gradio/streamlit scripts, no published
+    config): the low-resolution `concat_keys` images are concatenated at the latent size (optionally space-to-depth
+    reshuffled by `reshuffle_patch_size`); with `low_scale_config`, the `low_scale_key` image is noise-augmented
+    and its noise level becomes the vector (conditioning_key hybrid-adm)."""
+
+    def __init__(self, concat_keys: Sequence[str] = ("lr",), reshuffle_patch_size: int | None = None,
+                 low_scale_config: Any = None, low_scale_key: str | None = None, *args: Any, **kwargs: Any):
+        if reshuffle_patch_size is not None and (not isinstance(reshuffle_patch_size, int) or reshuffle_patch_size < 1):
+            raise ValueError(f"reshuffle_patch_size must be a positive int, got {reshuffle_patch_size!r}")
+        if low_scale_config is not None and low_scale_key not in concat_keys:
+            raise ValueError(f"low_scale_config needs low_scale_key, one of concat_keys {list(concat_keys)}; got "
+                             f"{low_scale_key!r}")
+        super().__init__(concat_keys, *args, **kwargs)
+        self.reshuffle_patch_size = reshuffle_patch_size
+        self.low_scale_key = low_scale_key
+        self.low_scale_model = None
+        if low_scale_config is not None:
+            logger.info("Initializing a low-scale model")
+            self.low_scale_model = freeze_module(instantiate_from_config(low_scale_config))
+
+    def concat_part(self, key: str, latent_size: tuple[int, ...], value: Any) -> torch.Tensor | dict[str, Any]:
+        """The images of `key` (BHWC) as channels at the latent size, reshuffled; the low-scale key's noise-augmented,
+        with its noise level as the vector."""
+        x = images_bchw(value).to(self.device)
+        if self.reshuffle_patch_size is not None:
+            x = space_to_depth(x, self.reshuffle_patch_size)
+        if tuple(x.shape[-2:]) != tuple(latent_size):
+            raise ValueError(f"concat_keys '{key}': {tuple(x.shape[-2:])} images (after reshuffle_patch_size="
+                             f"{self.reshuffle_patch_size}) do not match the latent size {tuple(latent_size)}")
+        if self.low_scale_model is not None and key == self.low_scale_key:
+            x, noise_level = self.low_scale_model(x)
+            return {"concat": x, "vector": noise_level}
+        return x
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The finetune logs plus the low-resolution input (`lr`)."""
+        log = super().log_images(batch, *args, **kwargs)
+        log["lr"] = batch_images(batch, self.concat_keys[0])
+        return log
+
+
+def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, p*h, p*w] -> [B, p*p*C, h, w], the patch offsets outermost (einops 'b c (p1 h) (p2 w) -> b (p1 p2 c)
+    h w')."""
+    b, c, height, width = x.shape
+    if height % p or width % p:
+        raise ValueError(f"reshuffle_patch_size={p} does not divide the {height}x{width} images")
+    x = x.reshape(b, c, p, height // p, p, width // p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, p * p * c, height // p, width // p)
 
 
 class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
@@ -198,11 +308,7 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
 
     def instantiate_low_stage(self, config: Any) -> None:
         """Build the low-scale model, frozen and kept in eval mode."""
-        model = instantiate_from_config(config)
-        self.low_scale_model = model.eval()
-        self.low_scale_model.train = disabled_train.__get__(self.low_scale_model)
-        for param in self.low_scale_model.parameters():
-            param.requires_grad = False
+        self.low_scale_model = freeze_module(instantiate_from_config(config))
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, cond_key: str | None = None, bs: int | None = None,
@@ -211,24 +317,36 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
         x, reconstruction, original conditioning, the low-res image, its decoded input and the noise levels."""
         z, c, *rest = super().get_input(batch, k, return_first_stage_outputs=log_mode, force_c_encode=True,
                                         cond_key=cond_key, return_original_cond=log_mode, bs=bs)
-        x_low = DDPM.get_input(self, batch, self.low_scale_key)[:bs].to(self.device)
-        if self.noise_level_key is not None:
-            levels = torch.as_tensor(batch[self.noise_level_key])[:bs].to(self.device).long()
-            zx, noise_level = self.low_scale_model(x_low, noise_level=levels)
-        else:
-            zx, noise_level = self.low_scale_model(x_low)
-        cond = {"c_concat": [zx], "c_crossattn": [c], "c_adm": noise_level}
+        cond = self.with_task_roles(c, batch, z.shape[-2:], bs)
         if log_mode:
+            zx, noise_level = cond["c_concat"][0], cond["c_adm"]
+            x_low = batch_images(batch, self.low_scale_key)[:bs].to(self.device)
             return [z, cond, *rest, x_low, self.low_scale_model.decode(zx), noise_level]
         return [z, cond]
+
+    def task_embedders(self, latent_size: Sequence[int]) -> list[tuple[EmbedderSpec, Callable[..., Any]]]:
+        """One embedder of the low-resolution image (and its noise levels with `noise_level_key`): the low-scale
+        model's noise-augmented image as concat channels, its noise level as the vector."""
+        keys = (self.low_scale_key,) + ((self.noise_level_key,) if self.noise_level_key is not None else ())
+        return [(EmbedderSpec(keys, name=f"low_scale_key '{self.low_scale_key}'"), self.low_scale_roles)]
+
+    def low_scale_roles(self, low: Any, levels: Any = None) -> dict[str, torch.Tensor]:
+        """{"concat": noise-augmented low-res image, "vector": its noise levels} from the low-scale model."""
+        x_low = images_bchw(low).to(self.device)
+        if levels is None:
+            zx, noise_level = self.low_scale_model(x_low)
+        else:
+            zx, noise_level = self.low_scale_model(x_low, noise_level=torch.as_tensor(levels).to(self.device).long())
+        return {"concat": zx, "vector": noise_level}
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, n_row: int = 4, sample: bool = True, ddim_steps: int | None = 200,
                    ddim_eta: float = 1.0, return_keys: list[str] | None = None, plot_denoise_rows: bool = False,
                    plot_progressive_rows: bool = True, plot_diffusion_rows: bool = True,
                    unconditional_guidance_scale: float = 1.0, unconditional_guidance_label: Any = None,
-                   use_ema_scope: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """inputs, reconstruction, the low-res input (x_lr) and what the UNet sees of it, conditioning, samples."""
+                   use_ema_scope: bool = True, sampler: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """inputs, reconstruction, the low-res input (x_lr) and what the UNet sees of it, conditioning, samples
+        (drawn with `sampler`, a name of ldm.sampling.SAMPLERS, when given)."""
         ema_scope = self.ema_scope if use_ema_scope else (lambda *a, **k: nullcontext())
         z, cond, x, xrec, xc, x_low, x_low_rec, noise_level = self.get_input(batch, self.first_stage_key, bs=N,
                                                                              log_mode=True)
@@ -239,7 +357,7 @@ class LatentUpscaleDiffusion(TaskImageLogging, LatentDiffusion):
         log.update(self._conditioning_images(batch, cond["c_crossattn"][0], xc, (x.shape[2], x.shape[3])))
         self._log_sampling_rows(log, z, cond, N, n_row, sample, ddim_steps, ddim_eta, plot_denoise_rows,
                                 plot_progressive_rows, plot_diffusion_rows, unconditional_guidance_scale,
-                                unconditional_guidance_label, ema_scope)
+                                unconditional_guidance_label, ema_scope, sampler)
         if return_keys:
             return {key: log[key] for key in return_keys if key in log}
         return log

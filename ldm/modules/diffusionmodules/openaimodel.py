@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,28 @@ from ldm.modules.diffusionmodules.util import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def convert_module_to_f16(module: nn.Module) -> None:
+    """Cast a layer's own floating-point parameters and buffers to float16 (used with `Module.apply`)."""
+    module._apply(lambda t: t.half() if t.is_floating_point() else t, recurse=False)
+
+
+def convert_module_to_f32(module: nn.Module) -> None:
+    """Cast a layer's own floating-point parameters and buffers to float32 (used with `Module.apply`)."""
+    module._apply(lambda t: t.float() if t.is_floating_point() else t, recurse=False)
+
+
+class Timestep(nn.Module):
+    """The sinusoidal embedding of (noise-level) timesteps as a module: t [N] -> [N, dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """The [cos | sin] embedding of t (see `timestep_embedding`)."""
+        return timestep_embedding(t, self.dim)
 
 
 class TimestepBlock(nn.Module):
@@ -242,10 +265,177 @@ def _per_level(value: Any, levels: int, name: str) -> list:
     return values
 
 
-class UNetModel(nn.Module):
+@dataclass(frozen=True)
+class UNetBlocks:
+    """Makes the UNet's blocks from its constructor settings: residual blocks, attention (ADM self-attention or a
+    SpatialTransformer with cross-attention), down- and upsampling, with the head counts the original derives."""
+
+    time_embed_dim: int
+    dropout: float
+    dims: int
+    use_checkpoint: bool
+    use_scale_shift_norm: bool
+    num_heads: int
+    num_head_channels: int
+    legacy: bool
+    use_spatial_transformer: bool
+    transformer_depth: list[int]
+    context_dim: int | list[int] | None
+    disable_self_attentions: list[bool] | None
+    disable_middle_self_attn: bool
+    use_linear_in_transformer: bool
+    use_new_attention_order: bool
+    attention_resolutions: Sequence[int]
+    num_attention_blocks: list[int] | None
+    resblock_updown: bool
+    conv_resample: bool
+
+    def res(self, ch_in: int, ch_out: int, **kw: Any) -> ResBlock:
+        """A residual block from ch_in to ch_out channels (kw: up / down)."""
+        return ResBlock(ch_in, self.time_embed_dim, self.dropout, out_channels=ch_out, dims=self.dims,
+                        use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm, **kw)
+
+    def attn(self, ch: int, level: int | None, heads_for_legacy: int) -> nn.Module:
+        """The attention block at `level` (None: the middle block), heads and width as the original derives them
+        (including its `legacy` quirk); `heads_for_legacy` is num_heads, or num_heads_upsample on the way up."""
+        if self.num_head_channels == -1:
+            heads, dim_head = self.num_heads, ch // self.num_heads
+        else:
+            heads, dim_head = ch // self.num_head_channels, self.num_head_channels
+        if self.legacy:
+            dim_head = ch // heads if self.use_spatial_transformer else self.num_head_channels
+        if not self.use_spatial_transformer:
+            return AttentionBlock(
+                ch, use_checkpoint=self.use_checkpoint,
+                num_heads=heads_for_legacy if self.num_head_channels == -1 else heads,
+                num_head_channels=dim_head, use_new_attention_order=self.use_new_attention_order,
+            )
+        middle = level is None
+        disabled = self.disable_self_attentions is not None and not middle and self.disable_self_attentions[level]
+        return SpatialTransformer(
+            ch, heads, dim_head,
+            depth=self.transformer_depth[-1] if middle else self.transformer_depth[level],
+            context_dim=self.context_dim,
+            disable_self_attn=self.disable_middle_self_attn if middle else bool(disabled),
+            use_linear=self.use_linear_in_transformer,
+            use_checkpoint=self.use_checkpoint,
+        )
+
+    def wants_attention(self, ds: int, level: int, index: int) -> bool:
+        """Whether the index-th block of a level at downsampling ds has attention."""
+        return ds in self.attention_resolutions and (
+            self.num_attention_blocks is None or index < self.num_attention_blocks[level])
+
+    def down(self, ch: int) -> nn.Module:
+        """The x2 downsampling between levels: a ResBlock with resblock_updown, else a Downsample."""
+        return self.res(ch, ch, down=True) if self.resblock_updown else Downsample(
+            ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+    def up(self, ch: int) -> nn.Module:
+        """The x2 upsampling between levels: a ResBlock with resblock_updown, else an Upsample."""
+        return self.res(ch, ch, up=True) if self.resblock_updown else Upsample(
+            ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+
+def _checked_options(levels: int, num_res_blocks: Any, transformer_depth: Any, context_dim: Any,
+                     use_spatial_transformer: bool, num_heads: int, num_head_channels: int,
+                     disable_self_attentions: Any, num_attention_blocks: Any, num_classes: Any,
+                     adm_in_channels: int | None) -> tuple[list, list, Any, Any, Any]:
+    """The UNet's options checked, and per-level ones as lists: (num_res_blocks, transformer_depth, context_dim,
+    disable_self_attentions, num_attention_blocks)."""
+    if use_spatial_transformer and context_dim is None:
+        raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention width)")
+    if context_dim is not None and not use_spatial_transformer:
+        raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; set it to True")
+    if num_heads == -1 and num_head_channels == -1:
+        raise ValueError("UNetModel: set either num_heads or num_head_channels")
+    if context_dim is not None and not isinstance(context_dim, int):
+        context_dim = list(context_dim)
+    num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+    transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
+    if disable_self_attentions is not None:
+        disable_self_attentions = _per_level(disable_self_attentions, levels, "disable_self_attentions")
+    if num_attention_blocks is not None:
+        num_attention_blocks = _per_level(num_attention_blocks, levels, "num_attention_blocks")
+        if any(a > r for a, r in zip(num_attention_blocks, num_res_blocks)):
+            raise ValueError(
+                f"UNetModel: num_attention_blocks {num_attention_blocks} exceeds num_res_blocks {num_res_blocks}"
+            )
+    if num_classes is not None and not (isinstance(num_classes, int) or num_classes in ("continuous", "sequential")):
+        raise ValueError(f"UNetModel: num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
+    if num_classes == "sequential" and adm_in_channels is None:
+        raise ValueError("UNetModel: num_classes='sequential' needs adm_in_channels")
+    return num_res_blocks, transformer_depth, context_dim, disable_self_attentions, num_attention_blocks
+
+
+class UNetTorso(nn.Module):
+    """What UNetModel and its encoder half (EncoderUNetModel) share: the input blocks, the torso's float16
+    conversion and the dtype the torso runs in.
+
+    The torso is the input, middle and (for the full UNet) output blocks; the timestep / label embeddings and the
+    output head stay as they are, as in guided-diffusion's mixed-precision UNet (Dhariwal & Nichol 2021).
+    """
+
+    TORSO = ("input_blocks", "middle_block", "output_blocks")
+
+    def _torso(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.TORSO if hasattr(self, name)]
+
+    def convert_to_fp16(self) -> None:
+        """Convert the torso of the model to float16 (the embeddings and the output head stay in their dtype)."""
+        for part in self._torso():
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self) -> None:
+        """Convert the torso of the model back to float32."""
+        for part in self._torso():
+            part.apply(convert_module_to_f32)
+
+    def _build_input_blocks(self, blocks: UNetBlocks, dims: int) -> tuple[list[int], int, int]:
+        """The encoder: the input conv, then per level its residual (+ attention) blocks and a downsampling.
+        Returns the channels of every skip connection, the last width and the downsampling reached."""
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, self.in_channels, self.model_channels, 3, padding=1))]
+        )
+        self._feature_size = ch = self.model_channels
+        input_block_chans, ds = [ch], 1
+        for level, mult in enumerate(self.channel_mult):
+            for nr in range(self.num_res_blocks[level]):
+                layers: list[nn.Module] = [blocks.res(ch, mult * self.model_channels)]
+                ch = mult * self.model_channels
+                if blocks.wants_attention(ds, level, nr):
+                    layers.append(blocks.attn(ch, level, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                self._feature_size += ch
+                input_block_chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(blocks.down(ch)))
+                input_block_chans.append(ch)
+                ds *= 2
+                self._feature_size += ch
+        return input_block_chans, ch, ds
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the torso runs in: `use_fp16`/`use_bf16` under autocast, else the torso's weights' dtype."""
+        weight_dtype = self.input_blocks[0][0].weight.dtype
+        device_type = self.input_blocks[0][0].weight.device.type
+        if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type):
+            return self.dtype
+        return weight_dtype
+
+    def _timestep_features(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal timestep features, in the dtype of the timestep MLP (the torso's dtype under autocast)."""
+        device_type = self.time_embed[0].weight.device.type
+        dtype = self.dtype if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type) else \
+            self.time_embed[0].weight.dtype
+        return timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(dtype)
+
+
+class UNetModel(UNetTorso):
     """The full UNet with timestep embedding, optional class / ADM embedding and cross-attention.
 
-    Parameters and defaults are the original's; see the module docstring.
+    Parameters and defaults are the original's; see the module docstring. Built level by level: embeddings,
+    input blocks, middle block, output blocks, head (module names, order and state_dict keys as the original).
     """
 
     def __init__(
@@ -282,156 +472,67 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
     ):
         super().__init__()
-        if use_spatial_transformer and context_dim is None:
-            raise ValueError("UNetModel: use_spatial_transformer=True needs context_dim (the cross-attention width)")
-        if context_dim is not None and not use_spatial_transformer:
-            raise ValueError("UNetModel: context_dim is set but use_spatial_transformer is False; set it to True")
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("UNetModel: set either num_heads or num_head_channels")
-        if context_dim is not None and not isinstance(context_dim, int):
-            context_dim = list(context_dim)
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        levels = len(channel_mult)
-        self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
-        transformer_depth = _per_level(transformer_depth, levels, "transformer_depth")
-        if disable_self_attentions is not None:
-            disable_self_attentions = _per_level(disable_self_attentions, levels, "disable_self_attentions")
-        if num_attention_blocks is not None:
-            num_attention_blocks = _per_level(num_attention_blocks, levels, "num_attention_blocks")
-            if any(a > r for a, r in zip(num_attention_blocks, self.num_res_blocks)):
-                raise ValueError(
-                    f"UNetModel: num_attention_blocks {num_attention_blocks} exceeds num_res_blocks {self.num_res_blocks}"
-                )
-        if num_classes is not None and not (isinstance(num_classes, int) or num_classes in ("continuous", "sequential")):
-            raise ValueError(f"UNetModel: num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
-        if num_classes == "sequential" and adm_in_channels is None:
-            raise ValueError("UNetModel: num_classes='sequential' needs adm_in_channels")
-
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
+        num_res_blocks, transformer_depth, context_dim, disable_self_attentions, attention_blocks = _checked_options(
+            len(channel_mult), num_res_blocks, transformer_depth, context_dim, use_spatial_transformer, num_heads,
+            num_head_channels, disable_self_attentions, num_attention_blocks, num_classes, adm_in_channels)
+        num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.image_size, self.in_channels, self.model_channels = image_size, in_channels, model_channels
+        self.out_channels, self.num_res_blocks = out_channels, num_res_blocks
+        self.attention_resolutions, self.dropout = attention_resolutions, dropout
+        self.channel_mult, self.conv_resample = channel_mult, conv_resample
+        self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.bfloat16 if use_bf16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
         self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
-
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim)
+        blocks = UNetBlocks(
+            model_channels * 4, dropout, dims, use_checkpoint, use_scale_shift_norm, num_heads, num_head_channels,
+            legacy, use_spatial_transformer, transformer_depth, context_dim, disable_self_attentions,
+            disable_middle_self_attn, use_linear_in_transformer, use_new_attention_order, attention_resolutions,
+            attention_blocks, resblock_updown, conv_resample,
         )
-        if isinstance(num_classes, int):
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
-        elif num_classes == "continuous":
-            self.label_emb = nn.Linear(1, time_embed_dim)
-        elif num_classes == "sequential":
-            self.label_emb = nn.Sequential(
-                nn.Sequential(linear(adm_in_channels, time_embed_dim), nn.SiLU(), linear(time_embed_dim, time_embed_dim))
-            )
-
-        def res_block(ch_in: int, ch_out: int, **kw: Any) -> ResBlock:
-            return ResBlock(
-                ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
-                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw,
-            )
-
-        def attn_block(ch: int, level: int | None, heads_for_legacy: int) -> nn.Module:
-            # head count and width as the original derives them (including its `legacy` quirk)
-            if num_head_channels == -1:
-                heads, dim_head = num_heads, ch // num_heads
-            else:
-                heads, dim_head = ch // num_head_channels, num_head_channels
-            if legacy:
-                dim_head = ch // heads if use_spatial_transformer else num_head_channels
-            if not use_spatial_transformer:
-                return AttentionBlock(
-                    ch, use_checkpoint=use_checkpoint, num_heads=heads_for_legacy if num_head_channels == -1 else heads,
-                    num_head_channels=dim_head, use_new_attention_order=use_new_attention_order,
-                )
-            middle = level is None
-            return SpatialTransformer(
-                ch, heads, dim_head,
-                depth=transformer_depth[-1] if middle else transformer_depth[level],
-                context_dim=context_dim,
-                disable_self_attn=disable_middle_self_attn if middle else bool(
-                    disable_self_attentions is not None and disable_self_attentions[level]
-                ),
-                use_linear=use_linear_in_transformer,
-                use_checkpoint=use_checkpoint,
-            )
-
-        def wants_attention(ds: int, level: int, index: int) -> bool:
-            return ds in attention_resolutions and (num_attention_blocks is None or index < num_attention_blocks[level])
-
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
-        )
-        self._feature_size = model_channels
-        input_block_chans = [model_channels]
-        ch = model_channels
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for nr in range(self.num_res_blocks[level]):
-                layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if wants_attention(ds, level, nr):
-                    layers.append(attn_block(ch, level, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self._feature_size += ch
-                input_block_chans.append(ch)
-            if level != levels - 1:
-                down = res_block(ch, ch, down=True) if resblock_updown else Downsample(
-                    ch, conv_resample, dims=dims, out_channels=ch
-                )
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                input_block_chans.append(ch)
-                ds *= 2
-                self._feature_size += ch
-
-        self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch), attn_block(ch, None, num_heads), res_block(ch, ch)
-        )
+        self._build_embeddings(blocks.time_embed_dim, adm_in_channels)
+        input_block_chans, ch, ds = self._build_input_blocks(blocks, dims)
+        self.middle_block = TimestepEmbedSequential(blocks.res(ch, ch), blocks.attn(ch, None, num_heads),
+                                                    blocks.res(ch, ch))
         self._feature_size += ch
+        ch = self._build_output_blocks(blocks, input_block_chans, ch, ds)
+        self._build_head(ch, dims, n_embed)
 
+    def _build_embeddings(self, time_embed_dim: int, adm_in_channels: int | None) -> None:
+        """The timestep embedding MLP and, for class / ADM conditioning, the label embedding."""
+        dim = time_embed_dim
+        self.time_embed = nn.Sequential(linear(self.model_channels, dim), nn.SiLU(), linear(dim, dim))
+        if isinstance(self.num_classes, int):
+            self.label_emb = nn.Embedding(self.num_classes, dim)
+        elif self.num_classes == "continuous":
+            self.label_emb = nn.Linear(1, dim)
+        elif self.num_classes == "sequential":
+            self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, dim), nn.SiLU(), linear(dim, dim)))
+
+    def _build_output_blocks(self, blocks: UNetBlocks, input_block_chans: list[int], ch: int, ds: int) -> int:
+        """The decoder: per level (deepest first) its residual (+ attention) blocks over the concatenated skip
+        connections, the last one upsampling. Returns the last width."""
         self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
             for i in range(self.num_res_blocks[level] + 1):
-                ich = input_block_chans.pop()
-                layers = [res_block(ch + ich, model_channels * mult)]
-                ch = model_channels * mult
-                if wants_attention(ds, level, i):
-                    layers.append(attn_block(ch, level, num_heads_upsample))
+                layers = [blocks.res(ch + input_block_chans.pop(), self.model_channels * mult)]
+                ch = self.model_channels * mult
+                if blocks.wants_attention(ds, level, i):
+                    layers.append(blocks.attn(ch, level, self.num_heads_upsample))
                 if level and i == self.num_res_blocks[level]:
-                    layers.append(
-                        res_block(ch, ch, up=True) if resblock_updown else Upsample(
-                            ch, conv_resample, dims=dims, out_channels=ch
-                        )
-                    )
+                    layers.append(blocks.up(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 self._feature_size += ch
+        return ch
 
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
-        )
+    def _build_head(self, ch: int, dims: int, n_embed: int | None) -> None:
+        """The output projection (zero-initialised) and, with n_embed, the codebook-id predictor."""
+        head = zero_module(conv_nd(dims, self.model_channels, self.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), head)
         if self.predict_codebook_ids:
-            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
-
-    def _compute_dtype(self) -> torch.dtype:
-        """The dtype the body runs in: `use_fp16`/`use_bf16` under autocast, else the weights' dtype."""
-        weight_dtype = self.time_embed[0].weight.dtype
-        device_type = self.time_embed[0].weight.device.type
-        if self.dtype != torch.float32 and torch.is_autocast_enabled(device_type):
-            return self.dtype
-        return weight_dtype
+            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, self.model_channels, n_embed, 1))
 
     def forward(
         self,
@@ -452,12 +553,14 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         dtype = self._compute_dtype()
-        t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(dtype)
+        t_emb = self._timestep_features(timesteps)
         emb = self.time_embed(t_emb)
         if self.num_classes is not None:
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"UNetModel: {y.shape[0]} labels for a batch of {x.shape[0]}")
-            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(dtype))
+            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(t_emb.dtype))
+        emb = emb.to(dtype)
+        context = _cast_context(context, dtype)
         hs = []
         h = x.type(dtype)
         for module in self.input_blocks:
@@ -469,3 +572,25 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
         h = h.type(x.dtype)
         return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+
+
+def _cast_context(context: Any, dtype: torch.dtype) -> Any:
+    """The cross-attention context (a tensor or a list of them) in the torso's dtype."""
+    if isinstance(context, torch.Tensor):
+        return context.to(dtype) if context.is_floating_point() else context
+    if isinstance(context, (list, tuple)):
+        return [_cast_context(c, dtype) for c in context]
+    return context
+
+
+# The encoder half lives in its own file (it builds on the classes above); served here under the original path.
+_ENCODER_NAMES = ("EncoderUNetModel", "AttentionPool2d")
+
+
+def __getattr__(name: str) -> Any:
+    """Module attribute hook (PEP 562): EncoderUNetModel and AttentionPool2d from `encoder_unet.py`."""
+    if name in _ENCODER_NAMES:
+        from ldm.modules.diffusionmodules import encoder_unet
+
+        return getattr(encoder_unet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

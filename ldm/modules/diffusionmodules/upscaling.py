@@ -7,12 +7,15 @@ class label (`c_adm`). The schedule buffers keep the original names (`low_scale_
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ldm.modules.diffusionmodules.openaimodel import Timestep
 from ldm.sampling.schedule import NoiseSchedule
+from ldm.util import ConfigError
 
 _BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
             "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
@@ -87,3 +90,54 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
             if noise_level.ndim == 0:
                 noise_level = noise_level.expand(x.shape[0])
         return self.q_sample(x, noise_level, noise), noise_level
+
+
+class CLIPEmbeddingNoiseAugmentation(ImageConcatWithNoiseAugmentation):
+    """Noise augmentation of a CLIP embedding [B, D] at a random (or given) level; returns (the noised embedding,
+    the level's sinusoidal embedding [B, timestep_dim]).
+
+    `clip_stats_path`: a `torch.save`d (mean, std) pair of the embedding statistics (None: mean 0, std 1); the
+    embedding is noised in standardised units, z = unscale(q_sample(scale(x), level)).
+    """
+
+    def __init__(self, *args: Any, clip_stats_path: str | os.PathLike[str] | None = None, timestep_dim: int = 256,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if clip_stats_path is None:
+            clip_mean, clip_std = torch.zeros(timestep_dim), torch.ones(timestep_dim)
+        else:
+            clip_mean, clip_std = _load_clip_stats(clip_stats_path)
+        self.register_buffer("data_mean", clip_mean[None, :], persistent=False)
+        self.register_buffer("data_std", clip_std[None, :], persistent=False)
+        self.time_embed = Timestep(timestep_dim)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding standardised to zero mean and unit variance by the CLIP statistics."""
+        return (x - self.data_mean) * 1.0 / self.data_std
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        """A standardised embedding back in the data statistics."""
+        return x * self.data_std + self.data_mean
+
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x noised to `noise_level` in standardised units, the embedding of the level); levels are drawn
+        uniformly in [0, max_noise_level) when not given."""
+        if x.ndim != 2 or x.shape[1] != self.data_mean.shape[1]:
+            raise ValueError(f"CLIPEmbeddingNoiseAugmentation: expects embeddings [B, {self.data_mean.shape[1]}] "
+                             f"(the statistics' width), got {tuple(x.shape)}")
+        z, noise_level = super().forward(self.scale(x), noise_level, noise)
+        return self.unscale(z), self.time_embed(noise_level)
+
+
+def _load_clip_stats(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) pair saved at `path`, with one clear error when it is missing or not such a pair."""
+    where = f"noise_aug_config.params.clip_stats_path '{os.fspath(path)}'"
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: no such file; expected a torch.save'd (mean, std) pair of CLIP embedding "
+                          "statistics (SD 2.1 unCLIP-L: ViT-L-14_stats.th from the Karlo checkpoints)")
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(stats, (tuple, list)) and len(stats) == 2 and all(isinstance(s, torch.Tensor) and s.ndim == 1
+                                                                          for s in stats)):
+        raise ConfigError(f"{where}: expected a (mean, std) pair of 1-D tensors, got {type(stats).__name__}")
+    return stats[0].float(), stats[1].float()

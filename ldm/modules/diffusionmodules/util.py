@@ -14,63 +14,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ldm.util import instantiate_from_config
-
-BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "squaredcos_cap_v2")
-
-
-def betas_for_alpha_bar(alpha_bar: Callable[[float], float], num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """Discretise a continuous alpha_bar(t), t in [0, 1], into betas (Nichol & Dhariwal 2021, eq. 17)."""
-    betas = [
-        min(1.0 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
-        for i in range(num_timesteps)
-    ]
-    return np.asarray(betas, dtype=np.float64)
-
-
-def make_beta_schedule(
-    schedule: str,
-    n_timestep: int,
-    linear_start: float = 1e-4,
-    linear_end: float = 2e-2,
-    cosine_s: float = 8e-3,
-) -> np.ndarray:
-    """Betas of a named noise schedule, as a float64 numpy array of length n_timestep.
-
-    "linear" is linear in sqrt(beta) (the LDM/SD "scaled linear" schedule); "cosine" is
-    Nichol & Dhariwal 2021 eq. 17 with offset `cosine_s`; "squaredcos_cap_v2" is the same cosine
-    with s=0.008 sampled at interval ends, as in diffusers/sgm.
-    """
-    if schedule == "linear":
-        return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64).pow(2).numpy()
-    if schedule == "cosine":
-        t = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
-        alphas = torch.cos(t / (1 + cosine_s) * math.pi / 2).pow(2)
-        alphas = alphas / alphas[0]
-        betas = 1 - alphas[1:] / alphas[:-1]
-        return betas.clamp(min=0, max=0.999).numpy()
-    if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).numpy()
-    if schedule == "sqrt":
-        return torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64).sqrt().numpy()
-    if schedule == "squaredcos_cap_v2":
-        return betas_for_alpha_bar(lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2, n_timestep)
-    raise ValueError(f"schedule '{schedule}' unknown; expected one of {', '.join(BETA_SCHEDULES)}")
+# the beta schedules live in ldm.sampling.schedule; they stay importable from here under their original path
+from ldm.sampling.schedule import BETA_SCHEDULES, betas_for_alpha_bar, make_beta_schedule, spaced_timesteps  # noqa: F401
+from ldm.util import instantiate_from_config, mean_flat  # noqa: F401 - mean_flat: the original import path
 
 
 def make_ddim_timesteps(
     ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = True
 ) -> np.ndarray:
-    """The DDIM sub-sequence of training timesteps ("uniform" or "quad"), shifted by one as in the original."""
-    if ddim_discr_method == "uniform":
-        c = num_ddpm_timesteps // num_ddim_timesteps
-        steps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
-    elif ddim_discr_method == "quad":
-        steps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
-    else:
+    """The DDIM sub-sequence of training timesteps ("uniform" or "quad"), ascending and shifted by one as in the
+    original (the spacing itself is `ldm.sampling.schedule.spaced_timesteps`)."""
+    if ddim_discr_method not in ("uniform", "quad"):
         raise ValueError(f"ddim_discr_method '{ddim_discr_method}' unknown; expected 'uniform' or 'quad'")
-    # add one so that the final alpha is computed at t=1 and the first at t=T-c+1 (original behaviour)
-    return steps + 1
+    return spaced_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps)[::-1].copy()
 
 
 def make_ddim_sampling_parameters(
@@ -130,11 +86,6 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
     for p in module.parameters():
         p.detach().mul_(scale)
     return module
-
-
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
 class GroupNorm32(nn.GroupNorm):

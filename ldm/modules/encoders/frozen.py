@@ -113,10 +113,12 @@ class FrozenHFTextEmbedder(FrozenEncoder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        always_return_pooled: bool = False,
     ):
         super().__init__()
         del device  # config compatibility only: placement follows the module
         owner = type(self).__name__
+        self.always_return_pooled = always_return_pooled
         _check_layer(owner, layer, self.LAYERS)
         if layer == "hidden" and layer_idx is None:
             raise ValueError(f"{owner}: layer='hidden' needs layer_idx (which entry of the hidden states to return)")
@@ -151,8 +153,9 @@ class FrozenHFTextEmbedder(FrozenEncoder):
             raise OSError("no tokenizer vocabulary found")
         return tokenizer
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Embeddings [B, max_length, hidden] (layer 'last'/'hidden') or [B, 1, hidden] (layer 'pooled')."""
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, max_length, hidden] (layer 'last'/'hidden') or [B, 1, hidden] (layer 'pooled'); with
+        `always_return_pooled` also the pooled embedding [B, hidden] (a conditioner's vector, as SDXL's)."""
         if isinstance(text, str):
             text = [text]
         batch = self.tokenizer(
@@ -162,13 +165,17 @@ class FrozenHFTextEmbedder(FrozenEncoder):
         outputs = self.transformer(
             input_ids=batch["input_ids"].to(self.device), output_hidden_states=self.layer == "hidden", **kwargs
         )
-        if self.layer == "last":
-            return outputs.last_hidden_state
-        if self.layer == "pooled":
+        if self.layer == "pooled" or self.always_return_pooled:
             if getattr(outputs, "pooler_output", None) is None:
-                raise ValueError(f"{type(self).__name__}: this model has no pooled output; use layer 'last' or 'hidden'")
-            return outputs.pooler_output[:, None, :]
-        return outputs.hidden_states[self.layer_idx]
+                raise ValueError(f"{type(self).__name__}: this model has no pooled output; use layer 'last' or 'hidden' "
+                                 "without always_return_pooled")
+        if self.layer == "last":
+            z = outputs.last_hidden_state
+        elif self.layer == "pooled":
+            z = outputs.pooler_output[:, None, :]
+        else:
+            z = outputs.hidden_states[self.layer_idx]
+        return (z, outputs.pooler_output) if self.always_return_pooled else z
 
 
 class FrozenCLIPEmbedder(FrozenHFTextEmbedder):
@@ -191,8 +198,9 @@ class FrozenCLIPEmbedder(FrozenHFTextEmbedder):
         freeze: bool = True,
         layer: str = "last",
         layer_idx: int | None = None,
+        always_return_pooled: bool = False,
     ):
-        super().__init__(version, device, max_length, freeze, layer, layer_idx)
+        super().__init__(version, device, max_length, freeze, layer, layer_idx, always_return_pooled)
         # Older transformers saved the position ids; SD v1 checkpoints carry them. They are a constant: drop them.
         self.register_load_state_dict_pre_hook(_drop_legacy_position_ids)
 
@@ -340,14 +348,7 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
 
     def _load_weights(self, arch: str, path: str) -> None:
         """Load the text-side weights of the open_clip checkpoint file `path` (vision weights are skipped)."""
-        state = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
-        state = {k: v for k, v in state.items() if not k.startswith("visual.")}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint '{path}' does not hold the text tower of open_clip '{arch}': "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} (first 5 of each)"
-            )
+        load_openclip_part(self.model, path, arch, skip="visual.", part="text tower")
         logger.info("FrozenOpenCLIPEmbedder: loaded %s text weights from %s", arch, path)
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
@@ -373,12 +374,27 @@ class FrozenOpenCLIPEmbedder(FrozenEncoder):
         return model.ln_final(x)
 
 
-def _openclip_checkpoint(arch: str, version: str) -> str:
-    """The local checkpoint file for `version`: itself, the open_clip file in a folder, or a downloaded tag."""
+def load_openclip_part(model: nn.Module, path: str, arch: str, skip: str, part: str) -> None:
+    """Load an open_clip checkpoint file into `model`, one tower of it: keys starting with `skip` are left out,
+    and every other key must match (one CheckpointError naming the file otherwise)."""
+    state = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not hold the {part} of open_clip '{arch}': "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} (first 5 of each)"
+        )
+
+
+def _openclip_checkpoint(arch: str, version: str, owner: str = "FrozenOpenCLIPEmbedder",
+                         key: str = VERSION_KEY) -> str:
+    """The local checkpoint file for `version`: itself, the open_clip file in a folder, or a downloaded tag (`owner`
+    and the config `key` name the culprit in errors)."""
     import open_clip
 
     hint = (
-        f"Point `version` ({VERSION_KEY} in a config) at a local open_clip checkpoint file or a folder holding "
+        f"Point `version` ({key} in a config) at a local open_clip checkpoint file or a folder holding "
         f"{' or '.join(OPENCLIP_WEIGHT_FILES)}, or set it to null for random weights; set HF_HUB_OFFLINE=1 to "
         "skip hub retries."
     )
@@ -396,8 +412,8 @@ def _openclip_checkpoint(arch: str, version: str) -> str:
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise ConfigError(
-            f"FrozenOpenCLIPEmbedder: '{version}' is neither a local file/folder nor an open_clip pretrained tag "
-            f"of arch '{arch}' (known tags: {tags}); set {VERSION_KEY}"
+            f"{owner}: '{version}' is neither a local file/folder nor an open_clip pretrained tag "
+            f"of arch '{arch}' (known tags: {tags}); set {key}"
         )
     try:
         path = open_clip.download_pretrained(cfg)

@@ -36,6 +36,18 @@ class AbstractEncoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement encode()")
 
 
+class IdentityEncoder(AbstractEncoder):
+    """An encoder that returns its input unchanged (for conditioning that is already an embedding)."""
+
+    def encode(self, x: Any) -> Any:
+        """x itself."""
+        return x
+
+    def forward(self, x: Any) -> Any:
+        """x itself (so the encoder also works where a module is called, e.g. in a GeneralConditioner)."""
+        return x
+
+
 class ClassEmbedder(nn.Module):
     """Embeds integer class labels as a one-token sequence [B, 1, embed_dim] for cross-attention.
 
@@ -53,11 +65,14 @@ class ClassEmbedder(nn.Module):
         self.ucg_rate = ucg_rate
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
-    def _labels(self, batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """The labels `batch[key]` as a long tensor [B] on the embedding's device."""
-        if key not in batch:
-            raise KeyError(f"ClassEmbedder: batch has no key '{key}' (available: {sorted(batch)})")
-        labels = torch.as_tensor(batch[key], device=self.embedding.weight.device).long().reshape(-1)
+    def _labels(self, batch: Mapping[str, Any] | Any, key: str) -> torch.Tensor:
+        """The labels `batch[key]` (or `batch` itself when it is not a mapping) as a long tensor [B] on the
+        embedding's device."""
+        if isinstance(batch, Mapping):
+            if key not in batch:
+                raise KeyError(f"ClassEmbedder: batch has no key '{key}' (available: {sorted(batch)})")
+            batch = batch[key]
+        labels = torch.as_tensor(batch, device=self.embedding.weight.device).long().reshape(-1)
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(
                 f"ClassEmbedder: labels in batch['{key}'] must lie in [0, {self.n_classes - 1}], "
@@ -65,8 +80,10 @@ class ClassEmbedder(nn.Module):
             )
         return labels
 
-    def forward(self, batch: Mapping[str, Any], key: str | None = None, disable_dropout: bool = False) -> torch.Tensor:
-        """Embed `batch[key]` (default `self.key`) to [B, 1, embed_dim]."""
+    def forward(self, batch: Mapping[str, Any] | Any, key: str | None = None,
+                disable_dropout: bool = False) -> torch.Tensor:
+        """Embed `batch[key]` (default `self.key`), or labels given directly (as a conditioner passes its input), to
+        [B, 1, embed_dim]."""
         labels = self._labels(batch, key or self.key)
         if self.training and self.ucg_rate > 0.0 and not disable_dropout:
             drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate
@@ -344,22 +361,32 @@ class SpatialRescaler(nn.Module):
         return self(x)
 
 
-# The pretrained frozen encoders live in `frozen.py` (which imports this module); they are served from here
-# lazily so the original config targets `ldm.modules.encoders.modules.FrozenCLIPEmbedder` etc. keep working.
-_FROZEN_ENCODERS = (
-    "FrozenCLIPEmbedder",
-    "FrozenOpenCLIPEmbedder",
-    "FrozenHFTextEmbedder",
-    "FrozenEncoder",
-    "MissingPretrainedModelError",
-    "write_clip_tokenizer",
-)
+# The pretrained encoders live in their own files (which import this module); they are served from here lazily so
+# the original config targets `ldm.modules.encoders.modules.FrozenCLIPEmbedder` etc. keep working.
+_FROZEN = "ldm.modules.encoders.frozen"
+_CLIP_IMAGE = "ldm.modules.encoders.clip_image"
+_LAZY = {
+    "FrozenCLIPEmbedder": _FROZEN,
+    "FrozenOpenCLIPEmbedder": _FROZEN,
+    "FrozenHFTextEmbedder": _FROZEN,
+    "FrozenEncoder": _FROZEN,
+    "MissingPretrainedModelError": _FROZEN,
+    "write_clip_tokenizer": _FROZEN,
+    "FrozenT5Embedder": "ldm.modules.encoders.t5",
+    "FrozenCLIPT5Encoder": "ldm.modules.encoders.t5",
+    "FrozenOpenCLIPImageEmbedder": _CLIP_IMAGE,
+    "ClipImageEmbedder": _CLIP_IMAGE,
+    "FrozenClipImageEmbedder": _CLIP_IMAGE,
+    "FrozenCLIPTextEmbedder": _CLIP_IMAGE,
+    "CLIPEmbeddingNoiseAugmentation": "ldm.modules.diffusionmodules.upscaling",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Module attribute hook (PEP 562): the frozen encoders, imported from `frozen.py` on first use."""
-    if name in _FROZEN_ENCODERS:
-        from ldm.modules.encoders import frozen
+    """Module attribute hook (PEP 562): the pretrained encoders and the unCLIP noise augmentation, imported from
+    their own files on first use."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(frozen, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

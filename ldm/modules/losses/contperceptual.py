@@ -96,3 +96,17 @@ class LPIPSWithDiscriminator(PerceptualGANLoss):
             f"{split}/g_loss": g_loss.detach(),
         }
         return loss, log
+
+
+class DummyLoss(nn.Module):
+    """The loss of a first stage used only for inference (`lossconfig` of published LDM checkpoints such as
+    `models/ldm/inpainting_big`): no parameters and no state_dict entries, so the checkpoint's keys load unchanged;
+    computing it is an error, since such a config was never meant to train its autoencoder."""
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """Refuse: there is nothing to train against."""
+        raise RuntimeError(
+            "lossconfig ldm.modules.losses.contperceptual.DummyLoss is a placeholder for inference-only "
+            "autoencoders and has no loss to compute; train with ldm.modules.losses.LPIPSWithDiscriminator "
+            "(KL) or VQLPIPSWithDiscriminator (VQ) instead"
+        )

@@ -62,7 +62,8 @@ class GaussianDataModel(FakeModel):
         self.timesteps_seen.append(int(t[0]))
         a = self.schedule.alpha_bar(t, x_noisy.ndim)
         x0 = MU + a.sqrt() * self.std**2 / (a * self.std**2 + 1 - a) * (x_noisy - a.sqrt() * MU)
-        return training_target(self.parameterization, x0, (x_noisy - a.sqrt() * x0) / (1 - a).sqrt(), a)
+        return training_target(self.parameterization, x0, (x_noisy - a.sqrt() * x0) / (1 - a).sqrt(), a.sqrt(),
+                               (1 - a).sqrt())
 
 
 class ManuallyGuided(FakeModel):

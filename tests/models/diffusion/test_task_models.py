@@ -1,56 +1,25 @@
 """Task models on tiny configs and built-in shapes data: inpainting (9-channel UNet), latent upscaling with
 noise augmentation, concat super-resolution; fine-tuning a 4-channel checkpoint; the published SD2 configs."""
-import math
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from ldm.data.inpainting import InpaintingDataset
-from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, ShapesSR, ShapesTrain, caption_of
+from ldm.data.shapes import ShapesSR, ShapesTrain
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion, LatentInpaintDiffusion, LatentUpscaleDiffusion
-from ldm.modules.encoders.modules import train_wordpiece_tokenizer
 from ldm.util import instantiate_from_config
+from tiny_ldm import LATENT, SIZE, batch_of, loader, model_config, randomise_zero_convs, train
+from tiny_ldm import unet as tiny_unet
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "stable-diffusion"
 FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
-SIZE, LATENT = 32, 8  # images and latents (the first stage downsamples by 4)
-
-
-@pytest.fixture(scope="module")
-def text_stage(tmp_path_factory):
-    """A frozen, randomly initialised BERTEmbedder over a WordPiece tokenizer of the shapes captions."""
-    captions = [caption_of(s, c, b) for s in SHAPES for c in COLORS for b in BACKGROUNDS]
-    path = train_wordpiece_tokenizer(captions, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=120)
-    return {"target": "ldm.modules.encoders.modules.BERTEmbedder",
-            "params": {"n_embed": 16, "n_layer": 1, "vocab_size": 120, "max_seq_len": 16, "tokenizer_path": str(path)}}
-
-
-def first_stage():
-    ddconfig = dict(double_z=True, z_channels=4, resolution=SIZE, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1],
-                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
-    return {"target": "ldm.models.autoencoder.AutoencoderKL",
-            "params": {"embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}}
 
 
 def unet(in_channels, text=True, num_classes=None):
-    params = dict(image_size=LATENT, in_channels=in_channels, out_channels=4, model_channels=32, attention_resolutions=[2],
-                  num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, num_classes=num_classes)
-    if text:
-        params.update(use_spatial_transformer=True, context_dim=16)
-    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
-
-
-def model_config(target, unet_config, cond_stage, conditioning_key, cond_key="caption", **extra):
-    params = dict(linear_start=0.0015, linear_end=0.0195, timesteps=100, first_stage_key="image",
-                  cond_stage_key=cond_key, image_size=LATENT, channels=4, monitor=None, log_every_t=25,
-                  conditioning_key=conditioning_key, scale_factor=1.0, unet_config=unet_config,
-                  first_stage_config=first_stage(), cond_stage_config=cond_stage)
-    params.update(extra)
-    return OmegaConf.create({"target": target, "params": params})
+    return tiny_unet(in_channels, context_dim=16 if text else None, num_classes=num_classes)
 
 
 def inpaint_config(text_stage, **extra):
@@ -62,30 +31,6 @@ def upscale_config(text_stage, **extra):
                  "params": {"noise_schedule_config": {"linear_start": 1e-4, "linear_end": 2e-2}, "max_noise_level": 350}}
     return model_config("ldm.models.diffusion.ddpm.LatentUpscaleDiffusion", unet(7, num_classes=1000), text_stage,
                         "hybrid-adm", low_scale_config=low_scale, low_scale_key="LR_image", **extra)
-
-
-def loader(dataset, batch_size=4):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def batch_of(dataset, n=2):
-    return next(iter(loader(dataset, n)))
-
-
-def train(model, dataset, steps=6, lr=1e-3):
-    """Fit for `steps` steps on CPU; returns the training losses."""
-    model.learning_rate = lr
-    losses = []
-
-    class Track(pl.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Track()])
-    trainer.fit(model, loader(dataset))
-    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
-    return losses
 
 
 def first_conv(model):
@@ -247,11 +192,8 @@ def shrink(cfg, text_stage, **unet_extra):
 
 
 def one_step(model, batch):
-    """Loss and gradients of one step. The UNet's zero-initialised convs (output, residual branches) would
-    stop the first step's gradient from reaching the inputs and the label embedding: they get random weights."""
-    for param in model.model.diffusion_model.parameters():
-        if param.ndim > 1 and not param.any():
-            torch.nn.init.normal_(param, std=0.02)
+    """Loss and gradients of one step (the UNet's zero-initialised convs get random weights first)."""
+    randomise_zero_convs(model)
     loss, _ = model.shared_step(batch)
     loss.backward()
     assert torch.isfinite(loss)
@@ -285,3 +227,30 @@ def test_v2_inpainting_config_one_training_step(text_stage):
     grad = one_step(model, batch)
     assert grad[:, 4:].abs().sum() > 0  # mask and masked image reach the UNet
     assert model.finetune_keys[0] == FIRST_CONV
+
+
+@pytest.mark.parametrize("make", [inpaint_config, upscale_config], ids=["inpainting", "upscaler"])
+def test_task_log_images_draw_with_the_registry_sampler(text_stage, make, monkeypatch):
+    from ldm.models.diffusion.sampler import Sampler
+
+    torch.manual_seed(0)
+    model = instantiate_from_config(make(text_stage)).eval()
+    randomise_zero_convs(model)
+    data = InpaintingDataset(ShapesTrain(size=SIZE, length=4), seed=1) if make is inpaint_config else \
+        ShapesSR(size=SIZE, length=4, degradation="bsrgan_light", downscale_f=4)
+    batch = batch_of(data)
+    drawn = []
+    run = Sampler.run
+    monkeypatch.setattr(Sampler, "run",
+                        lambda self, *a, **k: drawn.append((self.name, k["options"])) or run(self, *a, **k))
+    kw = dict(N=2, ddim_steps=4, plot_progressive_rows=False, plot_diffusion_rows=False,
+              unconditional_guidance_scale=2.0, unconditional_guidance_label=[""])
+    torch.manual_seed(1)
+    log = model.log_images(batch, sampler="euler_ancestral", **kw)
+    assert drawn == [("euler_ancestral", {})] * 2  # samples and guided samples; ddim_eta is DDIM's only
+    assert log["samples"].shape == (2, 3, SIZE, SIZE) and torch.isfinite(log["samples_cfg_scale_2.00"]).all()
+    torch.manual_seed(1)
+    ddim = model.log_images(batch, **kw)
+    assert [name for name, _ in drawn[2:]] == ["ddim"] * 2 and not torch.equal(ddim["samples"], log["samples"])
+    with pytest.raises(ValueError, match="needs ddim_steps"):
+        model.log_images(batch, N=2, sampler="heun", ddim_steps=None)

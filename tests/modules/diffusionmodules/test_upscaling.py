@@ -61,3 +61,49 @@ def test_simple_concat_and_abstract_model_pass_the_image_through():
     assert z is x and level is None and AbstractLowScaleModel().decode(x) is x
     with pytest.raises(ValueError, match="noise_schedule_config"):
         AbstractLowScaleModel().q_sample(x, torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- unCLIP's CLIP embedding augmentation
+
+KARLO = {"timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+
+
+def test_clip_embedding_augmentation_noises_in_standardised_units(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+    from ldm.modules.encoders.modules import CLIPEmbeddingNoiseAugmentation
+
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5
+    torch.save((mean, std), tmp_path / "stats.th")
+    aug = CLIPEmbeddingNoiseAugmentation(noise_schedule_config=KARLO, clip_stats_path=str(tmp_path / "stats.th"),
+                                         timestep_dim=8, max_noise_level=1000)
+    assert "data_mean" not in aug.state_dict()  # the statistics are not checkpoint state, as the original
+    x, noise = torch.randn(3, 8, generator=gen) * std + mean, torch.randn(3, 8, generator=gen)
+    levels = torch.tensor([0, 300, 999])
+    z, level_emb = aug(x, noise_level=levels, noise=noise)
+    # the Karlo cosine schedule as diffusers computes it; q_sample of the standardised embedding
+    a = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod[levels][:, None]
+    expected = (a.sqrt() * (x - mean) / std + (1 - a).sqrt() * noise) * std + mean
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(level_emb, timestep_embedding(levels, 8))
+    torch.testing.assert_close(aug.unscale(aug.scale(x)), x)
+    # level 0 leaves the embedding nearly as it was; the last level is nearly pure (rescaled) noise
+    assert (z[0] - x[0]).abs().max() < 0.05 and torch.allclose(z[2], noise[2] * std + mean, atol=0.05)
+    drawn, emb = aug(x.repeat(100, 1))
+    assert drawn.shape == (300, 8) and emb.shape == (300, 8) and torch.isfinite(drawn).all()
+
+
+def test_clip_embedding_augmentation_errors(tmp_path):
+    from ldm.modules.encoders.modules import CLIPEmbeddingNoiseAugmentation
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match=r"clip_stats_path '.*ViT-L-14_stats.th': no such file"):
+        CLIPEmbeddingNoiseAugmentation(noise_schedule_config=KARLO, clip_stats_path=str(tmp_path / "ViT-L-14_stats.th"))
+    torch.save({"mean": torch.zeros(4)}, tmp_path / "bad.th")
+    with pytest.raises(ConfigError, match=r"expected a \(mean, std\) pair"):
+        CLIPEmbeddingNoiseAugmentation(noise_schedule_config=KARLO, clip_stats_path=str(tmp_path / "bad.th"))
+    aug = CLIPEmbeddingNoiseAugmentation(noise_schedule_config=KARLO, timestep_dim=16)
+    with pytest.raises(ValueError, match=r"expects embeddings \[B, 16\]"):
+        aug(torch.randn(2, 8))

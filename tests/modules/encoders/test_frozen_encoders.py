@@ -149,6 +149,11 @@ def test_clip_embedder_layers(clip_dirs):
     eos = (tokens == 49407).int().argmax(dim=1)  # the first <|endoftext|>
     torch.testing.assert_close(pooled[:, 0], z[torch.arange(2), eos])
 
+    both = FrozenCLIPEmbedder(version=clip_dirs[0], layer="hidden", layer_idx=-2, always_return_pooled=True)(text)
+    assert isinstance(both, tuple) and both[1].shape == (2, 32)  # a conditioner's crossattn and vector (SDXL)
+    torch.testing.assert_close(both[0], FrozenCLIPEmbedder(version=clip_dirs[0], layer="hidden", layer_idx=-2)(text))
+    torch.testing.assert_close(both[1], pooled[:, 0])  # the pooled output whatever the layer
+
     assert FrozenCLIPEmbedder(version=clip_dirs[0], max_length=16)(text).shape == (2, 16, 32)
     with pytest.raises(ValueError, match="layer must be one of"):
         FrozenCLIPEmbedder(version=clip_dirs[0], layer="penultimate")

@@ -1,0 +1,1 @@
+"""The MiDaS networks: DPT (ViT) and MidasNet (CNN) depth models, their building blocks and input transforms."""
