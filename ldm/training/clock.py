@@ -116,3 +116,54 @@ def paused(trainer: pl.Trainer) -> Iterator[None]:
     finally:
         for clock in clocks:
             clock.resume()
+
+
+def train_seconds_of(trainer: pl.Trainer) -> float | None:
+    """The training seconds of the trainer's first TrainClock, None when it has none."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, TrainClock):
+            return callback.elapsed()
+    return None
+
+
+class TrainTimeCheckpoints(Callback):
+    """Checkpoints at equal training time: `checkpoints/step=NNNNNN-train-seconds=S.ckpt` whenever the TrainClock
+    passes another multiple of `every_seconds`, and the end of training once it passes `stop_after_seconds`.
+
+    Compute budgets are then equal across models of different speed (the paper's Fig. 6 compares LDM-f at equal
+    training time), and validation or image logging never eats into them, unlike Lightning's `max_time`.
+    """
+
+    def __init__(self, every_seconds: float, stop_after_seconds: float | None = None,
+                 dirpath: str | None = None) -> None:
+        super().__init__()
+        if float(every_seconds) <= 0:
+            raise ValueError(f"TrainTimeCheckpoints every_seconds must be positive, got {every_seconds}")
+        self.every_seconds = float(every_seconds)
+        self.stop_after_seconds = None if stop_after_seconds is None else float(stop_after_seconds)
+        self.dirpath = dirpath
+        self._next = self.every_seconds
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume, the next mark follows the time already reached."""
+        reached = train_seconds_of(trainer)
+        if reached is None:
+            raise ValueError("TrainTimeCheckpoints needs the TrainClock callback (lightning.callbacks.train_clock)")
+        self._next = (int(reached // self.every_seconds) + 1) * self.every_seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Save at every mark passed; stop at the budget."""
+        reached = train_seconds_of(trainer) or 0.0
+        if reached >= self._next:
+            mark = int(reached // self.every_seconds) * self.every_seconds
+            directory = self.dirpath or trainer.checkpoint_callback.dirpath
+            path = f"{directory}/step={trainer.global_step:06d}-train-seconds={reached:.0f}.ckpt"
+            logger.info("training time %.1f s: checkpoint %s (step %d)", reached, path, trainer.global_step)
+            with paused(trainer):  # writing the experiment's checkpoint is not training
+                trainer.save_checkpoint(path)
+            self._next = mark + self.every_seconds
+        if self.stop_after_seconds is not None and reached >= self.stop_after_seconds:
+            logger.info("training time budget of %.0f s reached at step %d", self.stop_after_seconds,
+                        trainer.global_step)
+            trainer.should_stop = True
