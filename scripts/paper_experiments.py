@@ -78,8 +78,13 @@ def get_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="experiment", required=True)
     comp = sub.add_parser("compression", parents=[shared], help="LDM-f at equal training time (Fig. 6)")
     comp.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8])
+    comp.add_argument("--autoencoder", action="append", default=[], metavar="F=RUN",
+                      help="use this trained autoencoder run for factor F instead of training one")
+    comp.add_argument("--train-only", action="store_true", help="train (or find) the runs, score nothing")
     comp.add_argument("--minutes", type=float, default=5.0, help="training time of every LDM")
-    comp.add_argument("--checkpoints", type=int, default=3, help="checkpoints scored per LDM (equally spaced)")
+    comp.add_argument("--checkpoints", type=int, default=3, help="checkpoints per LDM (equally spaced in time)")
+    comp.add_argument("--score-last", type=int, default=None, metavar="K",
+                      help="score only the last K checkpoints of each LDM (default: all)")
     comp.add_argument("--sampler", default="ddim")
     comp.add_argument("--steps", type=int, default=20)
     comp.add_argument("--scale", type=float, default=1.0)
@@ -136,6 +141,17 @@ def ema_first_stage(run: Path) -> Path:
     return out
 
 
+def given_autoencoders(items: Sequence[str]) -> dict[int, Path]:
+    """--autoencoder F=RUN: {F: run directory with checkpoints/last.ckpt}."""
+    given = {}
+    for item in items:
+        f, _, run = item.partition("=")
+        if not f.isdigit() or not (Path(run) / "checkpoints" / "last.ckpt").is_file():
+            raise inf.ScriptError(f"--autoencoder {item}: expected F=RUN, RUN a main.py run with checkpoints/last.ckpt")
+        given[int(f)] = Path(run)
+    return given
+
+
 def train_compression(args: argparse.Namespace) -> dict[int, Path]:
     """Autoencoders, then the LDMs at equal training time; {f: LDM run}."""
     workdir = Path(args.workdir) / "compression"
@@ -146,11 +162,12 @@ def train_compression(args: argparse.Namespace) -> dict[int, Path]:
               "lightning.callbacks.train_time_checkpoints.target=ldm.training.clock.TrainTimeCheckpoints",
               f"lightning.callbacks.train_time_checkpoints.params.every_seconds={budget / args.checkpoints}",
               f"lightning.callbacks.train_time_checkpoints.params.stop_after_seconds={budget}"]
+    given = given_autoencoders(args.autoencoder)
     runs = {}
     for f in args.factors:
         overrides = [*timing, *common, *args.ldm_overrides]
         if f > 1:
-            ae = train(workdir, f"ae-f{f}", AE_CONFIG.format(f=f), common, args.threads)
+            ae = given.get(f) or train(workdir, f"ae-f{f}", AE_CONFIG.format(f=f), common, args.threads)
             overrides.insert(0, f"model.params.first_stage_config.params.ckpt_path={ema_first_stage(ae)}")
         runs[f] = train(workdir, f"ldm-f{f}", LDM_CONFIG.format(f=f), overrides, args.threads)
     return runs
@@ -166,6 +183,7 @@ class Scorer:
         options = FidelityOptions(kid_subset_size=min(1000, args.n, args.n_real))
         self.ev = Evaluator(METRICS, args.inception_weights, device=self.device, batch_size=args.batch_size,
                             options=options, cache=StatsCache(), progress=False, feature_layer=args.feature_layer)
+        self.data_config = data_config
         data = instantiate_from_config(data_config, path="data")
         data.setup()
         self.validation, self.train = data.datasets["validation"], data.datasets["train"]
@@ -179,8 +197,10 @@ class Scorer:
     def floor(self) -> dict[str, float]:
         """Training digits (as many as samples) against the reference: what a perfect model would score."""
         batches, _ = shard_batches(self.args.n, self.args.batch_size)
-        rows = self.ev.dataset_features(self.train, batches, "image", "training digits")
-        return self.ev.generation_scores(rows, self.real, self.args.n).values
+        train = self.ev.real_statistics(  # cached like the reference
+            lambda: self.ev.dataset_features(self.train, batches, "image", "training digits"),
+            dataset_fingerprint(self.data_config.params.train, "train", len(self.train)), self.args.n, resize_mode())
+        return self.ev.generation_scores({self.ev.feature_layer: train.features}, self.real, self.args.n).values
 
     def score(self, model: Any, spec: SamplingSpec) -> dict[str, Any]:
         """--n samples of `model` by `spec` (seeds and labels fixed) -> metrics, and the sampling speed."""
@@ -247,7 +267,7 @@ def default_run(args: argparse.Namespace) -> Path:
 def run_compression(args: argparse.Namespace) -> dict:
     """Train every f for the same time; score each checkpoint (the f alternate per checkpoint index)."""
     runs = train_compression(args)
-    checkpoints = {f: scored_checkpoints(run) for f, run in runs.items()}
+    checkpoints = {f: scored_checkpoints(run)[-(args.score_last or 0):] for f, run in runs.items()}
     first = next(iter(runs.values()))
     scorer = Scorer(args, load_run_config(first).data)
     spec = SamplingSpec(args.sampler, args.steps, args.scale)
@@ -334,6 +354,25 @@ def names(args: argparse.Namespace) -> dict[str, str]:
             for metric in ("fid", "kid", "precision", "recall")}
 
 
+def markdown(args: argparse.Namespace, record: dict) -> str:
+    """The rows as a Markdown table (the settings, then FID, KID, precision, recall and sampling speed)."""
+    col = names(args)
+    keys = {"compression": ["f", "step", "train_seconds"], "guidance": ["scale"], "steps": ["sampler", "steps"]}
+    head = keys[args.experiment] + [col["fid"], col["kid"], col["precision"], col["recall"], "images/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in record["rows"]:
+        values = [str(row[key]) for key in keys[args.experiment]]
+        values += [f"{row[col['fid']]:.1f}", f"{row[col['kid']]:.3f}", f"{row[col['precision']]:.2f}",
+                   f"{row[col['recall']]:.2f}", f"{row['images_per_second']:.2f}"]
+        lines.append("| " + " | ".join(values) + " |")
+    floor = record["floor"]
+    lines.append("| floor (training digits) | " + " | ".join(
+        [""] * (len(keys[args.experiment]) - 1) + [f"{floor[col['fid']]:.1f}", f"{floor[col['kid']]:.3f}",
+                                                  f"{floor[col['precision']]:.2f}", f"{floor[col['recall']]:.2f}",
+                                                  ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(args: argparse.Namespace, record: dict, path: Path) -> None:
     """The experiment's figure as a small PNG."""
     import matplotlib
@@ -392,6 +431,10 @@ def body(args: argparse.Namespace, argv: Sequence[str]) -> None:
         if getattr(args, flag) < 2 - (flag in ("batch_size", "threads")):
             raise inf.ScriptError(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
+    if getattr(args, "train_only", False):
+        for f, run in train_compression(args).items():
+            print(f"f = {f}: {run}")
+        return
     start = time.perf_counter()
     record = EXPERIMENTS[args.experiment](args)
     record = {"experiment": args.experiment,
@@ -403,9 +446,11 @@ def body(args: argparse.Namespace, argv: Sequence[str]) -> None:
     out = Path(args.out)
     write_text(out / f"{args.experiment}.json", json.dumps(record, indent=1, default=str) + "\n")
     write_csv(out / f"{args.experiment}.csv", record["rows"])
+    table = markdown(args, record)
+    write_text(out / f"{args.experiment}.md", table)
     plot(args, record, out / f"{args.experiment}.png")
-    print(f"floor: {json.dumps(record['floor'])}")
-    print(f"wrote {out}/{args.experiment}.json, .csv and .png in {record['wall_seconds']:.0f} s")
+    print(table)
+    print(f"wrote {out}/{args.experiment}.json, .csv, .md and .png in {record['wall_seconds']:.0f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
