@@ -112,3 +112,12 @@ def test_guidance_without_a_trained_model_is_one_line(scripts, tmp_path, capsys)
     assert driver.main(["guidance", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no trained f = 4 LDM under") and "--run" in err[0]
+
+
+def test_a_wrong_autoencoder_run_is_one_line(scripts, tmp_path, capsys):
+    driver = scripts("paper_experiments")
+    assert driver.main(["compression", "--workdir", str(tmp_path), "--autoencoder", f"4={tmp_path}/none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --autoencoder 4={tmp_path}/none: expected F=RUN, RUN a main.py run with "
+                   "checkpoints/last.ckpt"]
+    assert not list(tmp_path.glob("compression/*"))  # nothing trained
