@@ -240,12 +240,23 @@ def checkpoint_progress(ckpt: Path) -> tuple[int, float]:
 
 
 def scored_checkpoints(run: Path) -> list[tuple[Path, int, float]]:
-    """The run's equal-time checkpoints and its last one (when it is later), by step."""
+    """The run's equal-time checkpoints, and last.ckpt when it is later than all of them (Lightning rewrites it at
+    epoch ends, so a run stopped by its time budget mid-epoch has an older last.ckpt), by step."""
     found = {}
-    for ckpt in sorted((run / "checkpoints").glob("step=*-train-seconds=*.ckpt")) + [run / "checkpoints" / "last.ckpt"]:
+    for ckpt in sorted((run / "checkpoints").glob("step=*-train-seconds=*.ckpt")):
         step, seconds = checkpoint_progress(ckpt)
-        found.setdefault(step, (ckpt, step, seconds))
+        found[step] = (ckpt, step, seconds)
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        step, seconds = checkpoint_progress(last)
+        if not found or step > max(found):
+            found[step] = (last, step, seconds)
     return [found[step] for step in sorted(found)]
+
+
+def final_checkpoint(run: Path) -> Path:
+    """The run's latest checkpoint: its last equal-time one or last.ckpt, whichever has more steps."""
+    return scored_checkpoints(run)[-1][0]
 
 
 def default_run(args: argparse.Namespace) -> Path:
@@ -290,14 +301,15 @@ def score_one_model(args: argparse.Namespace, settings: Sequence[tuple[dict, Sam
     """The samples of one model (--run, else the compression experiment's LDM-4), scored per setting."""
     run = default_run(args)
     scorer = Scorer(args, load_run_config(run).data)
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = final_checkpoint(run)
     model = load_ldm(run, ckpt, scorer.device)
     rows = []
     for label, spec in settings:
         row = {**label, **scorer.score(model, spec)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    return {"rows": rows, "floor": scorer.floor(), "run": str(run), "model_step": checkpoint_progress(ckpt)[0]}
+    return {"rows": rows, "floor": scorer.floor(), "run": str(run), "checkpoint": ckpt.name,
+            "model_step": checkpoint_progress(ckpt)[0]}
 
 
 def run_guidance(args: argparse.Namespace) -> dict:

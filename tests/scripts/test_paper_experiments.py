@@ -121,3 +121,25 @@ def test_a_wrong_autoencoder_run_is_one_line(scripts, tmp_path, capsys):
     assert err == [f"error: --autoencoder 4={tmp_path}/none: expected F=RUN, RUN a main.py run with "
                    "checkpoints/last.ckpt"]
     assert not list(tmp_path.glob("compression/*"))  # nothing trained
+
+
+def test_scored_checkpoints_skip_a_last_ckpt_older_than_the_time_budget(scripts, tmp_path):
+    import torch
+
+    driver = scripts("paper_experiments")
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+
+    def save(name, step, seconds):
+        torch.save({"global_step": step, "callbacks": {"TrainClock{'name': 'time/train_seconds'}":
+                                                       {"train_seconds": seconds}}}, folder / name)
+
+    save("step=000010-train-seconds=100.ckpt", 10, 100.5)
+    save("step=000020-train-seconds=200.ckpt", 20, 200.2)
+    save("last.ckpt", 14, 150.0)  # written at an epoch end, before the budget stopped the run mid-epoch
+    found = driver.scored_checkpoints(tmp_path / "run")
+    assert [(ckpt.name, step, seconds) for ckpt, step, seconds in found] == [
+        ("step=000010-train-seconds=100.ckpt", 10, 100.5), ("step=000020-train-seconds=200.ckpt", 20, 200.2)]
+    assert driver.final_checkpoint(tmp_path / "run").name == "step=000020-train-seconds=200.ckpt"
+    save("last.ckpt", 25, 230.0)  # trained on after the last mark
+    assert driver.final_checkpoint(tmp_path / "run").name == "last.ckpt"
