@@ -15,62 +15,39 @@ import signal
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: F401 - original config target main.*
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
+from pytorch_lightning import LightningModule, Trainer, seed_everything
+from pytorch_lightning.callbacks import LearningRateMonitor  # noqa: F401 - original config target main.*
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
 from ldm.errors import UserError
-from ldm.training.config import (LOGDIR_ENV, RunDir, UsageError, drop_manual_optimization_options, learning_rate,
-                                 load_config, resolve_run, split_base_and_overrides, str2bool, trainer_options)
+from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
+from ldm.training.checkpoint_io import CheckpointWriteError
+from ldm.training.config import (LOGDIR_ENV, RESUME_FROM_CHECKPOINT, RunDir, UsageError,
+                                 drop_manual_optimization_options, learning_rate, load_config, resolve_run,
+                                 split_base_and_overrides, start_from_checkpoint, str2bool, trainer_flags,
+                                 trainer_options)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
+from ldm.training.fault_tolerance import NonFiniteError
 from ldm.training.trainer import build_trainer
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger("main")
 
+# exit codes besides 0 (done), 1 (crash, or a checkpoint that could not be written) and 2 (user error)
+EXIT_NON_FINITE = 3  # the NaN guard stopped training (lightning.nan_guard.max_consecutive bad steps in a row)
+EXIT_TERMINATED = 143  # SIGTERM: last.ckpt written, training stopped cleanly; requeue and resume with -r
 USER_ERRORS = (UserError,)  # every user mistake (UsageError, ConfigError, CheckpointError, ...) derives from it
 BOOL_FLAGS = {"-t": "--train", "--train": "--train", "--no-test": "--no-test", "-d": "--debug",
               "--debug": "--debug", "--scale_lr": "--scale_lr"}
 BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
-
-
-def _int_or_float(text: str) -> int | float:
-    """'5' -> 5 (batches), '0.25' -> 0.25 (a fraction), as Lightning reads limit_* and val_check_interval."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _devices(text: str) -> int | str:
-    """'2' -> 2, '-1' -> -1; 'auto' and id lists like '0,1' stay strings for Lightning to parse."""
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-TRAINER_FLAGS: dict[str, tuple[Any, str]] = {
-    "accelerator": (str, "cpu, gpu, cuda, mps, tpu or auto"),
-    "devices": (_devices, "number of devices, ids like 0,1, -1 or auto"),
-    "num_nodes": (int, "number of machines"),
-    "strategy": (str, "ddp, fsdp, deepspeed, auto, ..."),
-    "precision": (str, "32, 16-mixed, bf16-mixed, ..."),
-    "max_steps": (int, "stop after this many optimisation steps"),
-    "max_epochs": (int, "stop after this many epochs"),
-    "accumulate_grad_batches": (int, "batches per optimisation step"),
-    "limit_train_batches": (_int_or_float, "batches (int) or fraction (float) of an epoch"),
-    "limit_val_batches": (_int_or_float, "batches (int) or fraction (float) of validation"),
-    "limit_test_batches": (_int_or_float, "batches (int) or fraction (float) of the test set"),
-    "val_check_interval": (_int_or_float, "validate every N batches (int) or fraction of an epoch (float)"),
-}
+TRAINER_FLAGS = trainer_flags()  # every argument of pytorch_lightning.Trainer that takes a command-line value
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The original main.py flags plus the Lightning 2 Trainer flags; unknown `key=value` args override the config."""
+    """The original main.py flags plus one flag per Trainer argument; unknown `key=value` args override the config."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     add = parser.add_argument
     add("-n", "--name", type=str, const="", default="", nargs="?", help="postfix for the run directory")
@@ -84,26 +61,40 @@ def get_parser() -> argparse.ArgumentParser:
     add("-d", "--debug", type=str2bool, nargs="?", const=True, default=False,
         help="debug run: lives under <logdir>/debug_runs, DEBUG logging, post-mortem debugger on a crash")
     add("-s", "--seed", type=int, default=23, help="seed for seed_everything")
-    add("-f", "--postfix", type=str, default="", help="postfix for the default name")
+    add("-f", "--postfix", type=str, default="", help="post-postfix for the default name")
     add("-l", "--logdir", type=str, default="logs", help="directory for logging data")
     add("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
         help="scale base_lr by accumulate_grad_batches * devices * nodes * batch_size")
-    trainer = parser.add_argument_group("Lightning Trainer (override lightning.trainer in the config)")
+    trainer = parser.add_argument_group("pytorch_lightning.Trainer arguments (over lightning.trainer in the config)")
     trainer.add_argument("--gpus", type=str, default=None, help="Lightning 1 style GPU ids: '0,' or '0,1' or a count")
-    for flag, (kind, text) in TRAINER_FLAGS.items():
-        trainer.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    trainer.add_argument(f"--{RESUME_FROM_CHECKPOINT}", type=str, default=None, metavar="CKPT",
+                         help="Lightning 1's Trainer argument: start this (new, -n) run from a checkpoint's training "
+                              "state")
+    for name, flag in TRAINER_FLAGS.items():
+        allowed = "/".join([kind.__name__ for kind in flag.kinds] + [repr(c) for c in flag.choices])
+        trainer.add_argument(f"--{name}", type=flag.parse, default=None, metavar=name.upper(),
+                             nargs="?" if flag.takes_bool else None, const=True if flag.takes_bool else None,
+                             help=f"Trainer({name}=...): {allowed}")
     return parser
 
 
 def explicit_bool_flags(argv: list[str]) -> list[str]:
-    """`-t model.x=1` must not read `model.x=1` as -t's value: write bool flags as `--train=<value>`."""
+    """`-t model.x=1` must not read `model.x=1` as -t's value: write flags that may stand alone (-t, --benchmark,
+    --fast_dev_run) as `--flag=<value>`, taking the next token as the value only when it is one."""
+    trainer_bools = {f"--{name}": flag for name, flag in TRAINER_FLAGS.items() if flag.takes_bool}
     out, i = [], 0
     while i < len(argv):
         token = argv[i]
-        if token in BOOL_FLAGS:
-            following = argv[i + 1] if i + 1 < len(argv) else None
-            explicit = following is not None and following.lower() in BOOL_WORDS
-            out.append(f"{BOOL_FLAGS[token]}={following if explicit else 'true'}")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if token in BOOL_FLAGS or token in trainer_bools:
+            flag = trainer_bools.get(token)
+            if following is None:
+                explicit = False
+            elif flag is None or flag.bool_only:
+                explicit = following.lower() in BOOL_WORDS
+            else:  # e.g. --fast_dev_run 5 or --deterministic warn
+                explicit = not following.startswith("-") and "=" not in following
+            out.append(f"{BOOL_FLAGS.get(token, token)}={following if explicit else 'true'}")
             i += 2 if explicit else 1
         else:
             out.append(token)
@@ -128,8 +119,9 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
         raise UsageError("no config: pass -b/--base config.yaml (or -r/--resume a run directory with configs/)")
     config, lightning_config = load_config(run.saved_configs + files, dotlist)
     seed_everything(opt.seed, workers=True)
-    flags = {key: getattr(opt, key) for key in TRAINER_FLAGS}
+    flags = {key: getattr(opt, key) for key in [*TRAINER_FLAGS, RESUME_FROM_CHECKPOINT]}
     options = trainer_options(lightning_config.get("trainer"), flags, opt.gpus)
+    start_from_checkpoint(options, run)
     needs_data = opt.train or not opt.no_test
     if needs_data and not isinstance(config.get("data"), DictConfig):
         raise UsageError("the merged config has no 'data' section; expected data: {target: "
@@ -138,7 +130,7 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
     drop_manual_optimization_options(options, model)
     lightning_config.trainer = options
     data = instantiate_from_config(config.data, path="data") if needs_data else None
-    emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"))
+    emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"), handle_sigterm=True)
     trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
     if opt.train:
         accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
@@ -176,11 +168,18 @@ def main(argv: list[str] | None = None, configure_logging: bool = False) -> int:
     inherited = os.environ.get(LOGDIR_ENV)
     os.environ[LOGDIR_ENV] = run.logdir  # Lightning's launcher starts the other ranks with this environment
     previous = signal.signal(signal.SIGUSR1, emergency.request)
+    previous_term = signal.signal(signal.SIGTERM, emergency.request_stop)
     try:
         run_stages(opt, run, model, data, trainer)
     except USER_ERRORS as err:
         print(f"main.py: error: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointWriteError) as err:
+        print(f"main.py: error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE if isinstance(err, NonFiniteError) else 1
+    except SIGTERMException:  # SIGTERM before training started (Lightning's handler): nothing to save yet
+        print("main.py: stopped by SIGTERM before training started; run the same command again", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception:
         if opt.debug and trainer.global_rank == 0 and sys.stdin.isatty():
             import pdb
@@ -189,10 +188,15 @@ def main(argv: list[str] | None = None, configure_logging: bool = False) -> int:
         raise
     finally:
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         if inherited is None:
             os.environ.pop(LOGDIR_ENV, None)
         else:
             os.environ[LOGDIR_ENV] = inherited
+    if emergency.stopped_by_signal:
+        print(f"main.py: stopped by SIGTERM after writing {emergency.ckpt_path}; resume with "
+              f"main.py -r {run.logdir}", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 

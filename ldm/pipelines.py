@@ -1,5 +1,6 @@
-"""The image tasks, shared by the sampling scripts (`scripts/txt2img.py`, `img2img.py`, `inpaint.py`, `superres.py`)
-and the web UI (`ldm.webui`): one implementation of each task's sampling, seeding and PNG metadata.
+"""The image tasks, shared by the sampling scripts (`scripts/txt2img.py`, `img2img.py`, `inpaint.py`, `superres.py`,
+`sample_conditional.py`, `depth2img.py`, `unclip.py`) and the web UI (`ldm.webui`): one implementation of each task's
+sampling, seeding and PNG metadata.
 
 A task is made from a loaded model, its checkpoint path and the settings; making it checks the settings (one
 `ldm.inference.ScriptError` naming the script flag of the culprit) so nothing is sampled before every input is known
@@ -53,8 +54,25 @@ def unet_in_channels(model: Any) -> int:
 
 
 def is_plain(model: Any) -> bool:
-    """Whether the UNet reads the latent alone (no concatenated mask, masked image or low-resolution image)."""
-    return unet_in_channels(model) == model.channels
+    """Whether the UNet reads the latent alone (no concatenated mask, masked image or low-resolution image) and no
+    vector beyond what its cond stage gives (unCLIP's image embedding)."""
+    return unet_in_channels(model) == model.channels and not callable(getattr(model, "image_embedding", None))
+
+
+MAP_KEYS = {"coordinates_bbox": "layout", "segmentation": "semantic"}
+
+
+def map_kind(model: Any) -> str | None:
+    """'layout' (a cond stage reading `coordinates_bbox` token sequences by cross-attention), 'semantic' (a
+    `segmentation` label map, concatenated after the cond stage) or None (see `MapToImage`)."""
+    if not inf.is_conditional(model):
+        return None
+    return MAP_KEYS.get(getattr(model, "cond_stage_key", None))
+
+
+def reads_captions(model: Any) -> bool:
+    """Whether the model is conditioned on captions (`inf.is_text_model` also counts layout token sequences)."""
+    return inf.is_text_model(model) and map_kind(model) is None
 
 
 def _decoded(model: Any, z: torch.Tensor) -> torch.Tensor:
@@ -91,11 +109,10 @@ class Task:
         return inf.prompt_conditioning(self.model, prompts, self.scale, self.negative_prompt)
 
 
-# ----------------------------------------------------------------------------------------- txt2img
 @dataclass
-class Txt2Img(Task):
-    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler (any name of
-    `ldm.inference.SAMPLERS`, or the alias "dpm") under classifier-free guidance, then decoded (scripts/txt2img.py).
+class SampledTask(Task):
+    """A task that draws latents from per-sample seeded noise with a registered sampler (any name of
+    `ldm.inference.SAMPLERS`, or the alias "dpm"), with the sampling flags of scripts/txt2img.py.
 
     `eta` None is the sampler's own (0 for ddim, the original --ddim_eta default; 1 for the ancestral samplers);
     `spacing` (--schedule) picks the noise-level spacing (default: the sampler's); `guidance_rescale` blends the
@@ -104,15 +121,43 @@ class Txt2Img(Task):
 
     eta: float | None = None
     sampler: str = "ddim"
-    height: int = 512
-    width: int = 512
     spacing: str | None = None
     guidance_rescale: float = 0.0
+
+    def prepare_sampler(self) -> None:
+        """Resolve eta, check the steps and eta the sampler accepts (one ScriptError naming the flag) and build it."""
+        self.eta = inf.resolve_eta(self.sampler, self.eta)
+        options = {"spacing": self.spacing} if self.spacing else {}
+        inf.check_steps(self.sampler, self.steps, self.eta, self.model, **options)
+        self._sampler = inf.make_sampler(self.sampler, self.model, **options)
+
+    def sampler_metadata(self) -> dict[str, Any]:
+        """The sampling settings as PNG metadata entries (None entries are dropped by sample_metadata)."""
+        return dict(sampler=self.sampler, schedule=self.spacing, steps=self.steps, scale=self.scale,
+                    negative_prompt=self.negative_prompt or None, eta=self.eta,
+                    guidance_rescale=self.guidance_rescale or None)
+
+    def sample(self, c: Any, uc: Any, shape: Sequence[int], seeds: Sequence[int],
+               progress: Progress | None = None) -> torch.Tensor:
+        """Latents of `shape` (C, h, w) for conditioning (c, uc), sample i from seeds[i]."""
+        return inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, shape, seeds,
+                                  callback=step_callback(progress, self.steps),
+                                  guidance_rescale=self.guidance_rescale)
+
+
+# ----------------------------------------------------------------------------------------- txt2img
+@dataclass
+class Txt2Img(SampledTask):
+    """Text-to-image: latents drawn from per-sample seeded noise by a registered sampler under classifier-free
+    guidance, then decoded (scripts/txt2img.py; the sampler settings as `SampledTask`'s)."""
+
+    height: int = 512
+    width: int = 512
 
     @staticmethod
     def supports(model: Any) -> bool:
         """Text-conditioned models whose UNet reads the latent alone."""
-        return inf.is_text_model(model) and is_plain(model)
+        return reads_captions(model) and is_plain(model)
 
     def __post_init__(self) -> None:
         model = self.model
@@ -123,26 +168,18 @@ class Txt2Img(Task):
             raise inf.ScriptError(f"the model of '{self.ckpt}' reads {unet_in_channels(model) - model.channels} "
                                   "concatenated conditioning channels (an inpainting or upscaling model); use "
                                   "scripts/inpaint.py or scripts/superres.py")
-        self.eta = inf.resolve_eta(self.sampler, self.eta)
         factor = inf.first_stage_factor(model)
         inf.check_size(self.height, self.width, inf.image_multiple(model))
-        options = {"spacing": self.spacing} if self.spacing else {}
-        inf.check_steps(self.sampler, self.steps, self.eta, model, **options)
+        self.prepare_sampler()
         self.shape = (model.channels, self.height // factor, self.width // factor)
-        self._sampler = inf.make_sampler(self.sampler, model, **options)
-        self.common = inf.sample_metadata(
-            sampler=self.sampler, schedule=self.spacing, steps=self.steps, scale=self.scale,
-            negative_prompt=self.negative_prompt or None, eta=self.eta, guidance_rescale=self.guidance_rescale or None,
-            checkpoint=self.label, H=self.height, W=self.width)
+        self.common = inf.sample_metadata(**self.sampler_metadata(), checkpoint=self.label, H=self.height,
+                                          W=self.width)
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], progress: Progress | None = None) -> Samples:
         """One image per prompt, prompt i drawn with seeds[i]."""
         with self.context():
             c, uc = self.conditioning(prompts)
-            z = inf.sample_latents(self._sampler, self.steps, c, uc, self.scale, self.eta, self.shape, seeds,
-                                   callback=step_callback(progress, self.steps),
-                                   guidance_rescale=self.guidance_rescale)
-            images = _decoded(self.model, z)
+            images = _decoded(self.model, self.sample(c, uc, self.shape, seeds, progress))
         return Samples(images, [inf.sample_metadata(prompt=p, seed=s, **self.common) for p, s in zip(prompts, seeds)])
 
 
@@ -172,7 +209,7 @@ class Img2Img(Task):
     @staticmethod
     def supports(model: Any) -> bool:
         """Text-conditioned or unconditional models whose UNet reads the latent alone."""
-        return is_plain(model) and (inf.is_text_model(model) or not inf.is_conditional(model))
+        return is_plain(model) and (reads_captions(model) or not inf.is_conditional(model))
 
     def __post_init__(self) -> None:
         from ldm.models.diffusion.ddim import DDIMSampler
@@ -310,7 +347,7 @@ def superres_kind(model: Any) -> str | None:
     if hasattr(model, "low_scale_model"):
         return "upscaler"
     if (getattr(model.model, "conditioning_key", None) == "concat" and model.cond_stage_model is not None
-            and inpaint_kind(model) == "sampler-mask"):
+            and inpaint_kind(model) == "sampler-mask" and map_kind(model) is None):  # not label maps
         return "concat"
     return None
 
@@ -396,3 +433,18 @@ class SuperRes(Task):
                                    image=os.path.basename(prepared.path), checkpoint=self.label)
         return Samples(image, [meta])
 
+
+
+
+# The tasks conditioned on maps and images (layout-to-image, semantic synthesis, depth-to-image, image variations)
+# live in ldm/pipelines_conditioned.py, served from here (resolved on first access, PEP 562: no import cycle).
+_CONDITIONED = ("read_layout", "read_segmentation", "MapToImage", "depth_to_concat",
+                "Depth2Img", "ImageVariations")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONDITIONED:
+        from ldm import pipelines_conditioned
+
+        return getattr(pipelines_conditioned, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

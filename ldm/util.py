@@ -18,9 +18,23 @@ logger = logging.getLogger(__name__)
 FIRST_STAGE_SENTINEL = "__is_first_stage__"
 UNCONDITIONAL_SENTINEL = "__is_unconditional__"
 
+# The package trains with the `pytorch_lightning` namespace (the originals', and the `pytorch-lightning`
+# distribution). The `lightning` distribution's `lightning.pytorch` holds the same API as separate classes, which
+# its Trainer does not recognise (a lightning.pytorch ModelCheckpoint beside ours is a second checkpoint callback),
+# so targets spelled in that namespace are resolved onto ours here, the one place every target is imported.
+TARGET_NAMESPACE_ALIASES = {"lightning.pytorch.": "pytorch_lightning.", "lightning.fabric.": "lightning_fabric."}
+
 
 class ConfigError(UserError):
     """A config could not be turned into an object; the message names the config key and what was expected."""
+
+
+class RejectedParametersError(ConfigError):
+    """A config's constructor raised ValueError/TypeError for its parameters; the message names the config key."""
+
+
+class RejectedParameterTypeError(RejectedParametersError, TypeError):
+    """`RejectedParametersError` for a constructor's TypeError (still caught by `except TypeError`)."""
 
 
 class MissingTargetError(ConfigError, KeyError):
@@ -54,7 +68,11 @@ def get_obj_from_str(string: str, reload: bool = False, path: str | None = None)
             f"target {string!r} in {_where(path)} is not a dotted import path "
             "like 'ldm.models.autoencoder.AutoencoderKL'"
         )
-    module_name, attr = string.rsplit(".", 1)
+    name = string
+    for alias, namespace in TARGET_NAMESPACE_ALIASES.items():
+        if name.startswith(alias):
+            name = namespace + name[len(alias):]
+    module_name, attr = name.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -114,7 +132,21 @@ def instantiate_from_config(config: Any, path: str | None = None, **extra: Any) 
                 f"{_where(path)}: {target} does not accept parameter(s) {', '.join(unknown)}; "
                 f"accepted: {', '.join(accepted) or '(none)'}"
             )
-    return obj(**params)
+    try:
+        return obj(**params)
+    except UserError:
+        raise  # a nested config or check already named its culprit
+    except (ValueError, TypeError) as err:
+        kind = RejectedParameterTypeError if isinstance(err, TypeError) else RejectedParametersError
+        logger.debug("%s rejected the parameters of %s", target, _where(path), exc_info=True)
+        raise kind(f"{_where(path)}: {target} rejected its parameters: {type(err).__name__}: "
+                   f"{first_line(err)}") from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _short(value: Any, limit: int = 80) -> str:

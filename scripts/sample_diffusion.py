@@ -39,10 +39,12 @@ def get_parser() -> argparse.ArgumentParser:
     add("--config", type=str, default=None, help="model config (instead of the run's)")
     add("--ckpt", type=str, default=None, help="checkpoint (with --config, instead of -r)")
     add("-n", "--n_samples", type=int, default=50000, help="number of samples to draw")
-    add("-e", "--eta", type=float, default=1.0, help="eta of DDIM (ignored with --vanilla_sample)")
+    add("-e", "--eta", type=float, default=None,
+        help="eta of DDIM (default 1.0) or of another stochastic sampler (default: its own); not with -v")
     add("-v", "--vanilla_sample", action="store_true", help="ancestral sampling over all training timesteps")
     add("-l", "--logdir", type=str, default=None, help="output folder (default: <run>/samples/<ckpt>/<now>)")
-    add("-c", "--custom_steps", type=int, default=50, help="DDIM steps (ignored with --vanilla_sample)")
+    add("-c", "--custom_steps", type=int, default=50, help="sampling steps (ignored with --vanilla_sample)")
+    inf.add_sampler_flags(parser, eta_flag=False)
     add("--batch_size", type=int, default=10, help="samples per batch")
     add("--seed", type=int, default=0, help="sample i uses seed + i")
     add("--classes", type=int, nargs="+", default=None,
@@ -61,6 +63,7 @@ def check_flags(args: argparse.Namespace) -> None:
             raise inf.ScriptError(f"{flag} must be at least 1, got {value}")
     if args.vanilla_sample and args.scale != 1.0:
         raise inf.ScriptError("--scale needs DDIM sampling; drop -v/--vanilla_sample")
+    inf.sampler_name(args)
 
 
 def labels_for(args: argparse.Namespace, model: object) -> list[int] | None:
@@ -81,8 +84,9 @@ def labels_for(args: argparse.Namespace, model: object) -> list[int] | None:
     return None
 
 
-def sample_batch(model: object, args: argparse.Namespace, seeds: list[int], labels: list[int] | None) -> torch.Tensor:
-    """Images in [-1, 1] for one batch: DDIM with custom_steps, or ancestral sampling with --vanilla_sample."""
+def sample_batch(model: object, args: argparse.Namespace, seeds: list[int], labels: list[int] | None,
+                 sampler: object = None, eta: float | None = None) -> torch.Tensor:
+    """Images in [-1, 1] for one batch: the sampler with custom_steps, or ancestral sampling with --vanilla_sample."""
     shape = (model.channels, model.image_size, model.image_size)
     c = uc = None
     if labels is not None:
@@ -90,8 +94,8 @@ def sample_batch(model: object, args: argparse.Namespace, seeds: list[int], labe
     if args.vanilla_sample:
         z = model.p_sample_loop((len(seeds), *shape), cond=c, seeds=seeds, verbose=False)
     else:
-        sampler = inf.make_sampler("ddim", model)
-        z = inf.sample_latents(sampler, args.custom_steps, c, uc, args.scale, args.eta, shape, seeds)
+        z = inf.sample_latents(sampler, args.custom_steps, c, uc, args.scale, eta, shape, seeds,
+                               guidance_rescale=args.guidance_rescale)
     decode = getattr(model, "decode_first_stage", None)
     return (decode(z) if decode is not None else z).float().clamp(-1, 1)
 
@@ -112,20 +116,20 @@ def generate(args: argparse.Namespace) -> str:
     files, ckpt = inf.resolve_model_files(args.config, args.ckpt, args.resume)
     _, model = inf.load_model(files, ckpt, device)
     labels = labels_for(args, model)
+    method, sampler, eta = "ancestral", None, None
     if not args.vanilla_sample:
-        inf.check_steps("ddim", args.custom_steps, args.eta, model)
+        method, sampler, eta = inf.sampler_from_args(args, model, args.custom_steps, ddim_default=1.0)
     outdir = args.logdir or default_outdir(ckpt)
     inf.seed_everything(args.seed)
     seeds = list(range(args.seed, args.seed + args.n_samples))
-    method = "ancestral" if args.vanilla_sample else "ddim"
     images = []
     with torch.no_grad(), inf.autocast(args.precision, device), model.ema_scope():
         for batch in tqdm(list(inf.batched(range(args.n_samples), args.batch_size)), desc="Sampling batches"):
             batch_labels = None if labels is None else [labels[i] for i in batch]
-            x = sample_batch(model, args, [seeds[i] for i in batch], batch_labels)
+            x = sample_batch(model, args, [seeds[i] for i in batch], batch_labels, sampler, eta)
             meta = [inf.sample_metadata(seed=seeds[i], class_label=None if labels is None else labels[i],
                                         sampler=method, steps=None if args.vanilla_sample else args.custom_steps,
-                                        eta=None if args.vanilla_sample else args.eta, scale=args.scale,
+                                        eta=eta, schedule=args.spacing, scale=args.scale,
                                         checkpoint=inf.checkpoint_label(ckpt)) for i in batch]
             start = inf.next_index(outdir, r"sample_(\d+)\.png")
             for k, (pixels, m) in enumerate(zip(inf.to_uint8(x), meta)):

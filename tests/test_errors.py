@@ -1,9 +1,6 @@
 """One user-error hierarchy: every user mistake derives from ldm.errors.UserError (still a ValueError), the old
 names stay importable from their old modules, and the entry points catch that one type."""
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +10,6 @@ from ldm.modules.encoders.frozen import MissingPretrainedModelError
 from ldm.modules.encoders.modules import MissingPretrainedModelError as ReExported
 from ldm.training.config import UsageError
 from ldm.util import CheckpointError, ConfigError, MissingTargetError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cls", [ScriptError, UsageError, ConfigError, CheckpointError, MissingPretrainedModelError,
@@ -50,16 +45,6 @@ def test_run_cli_catches_any_user_error_in_one_line(capsys):
     assert capsys.readouterr().err == "error: model 'm' is not available\n"
     with pytest.raises(RuntimeError):  # a bug is not a user error: its traceback stays
         run_cli(parser, _body(RuntimeError("bug")), [])
-
-
-@pytest.fixture
-def main_module():
-    if "main" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("main", REPO / "main.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["main"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["main"]
 
 
 @pytest.mark.parametrize("error", [NewKindOfMistake("bad thing"), ScriptError("bad thing"),

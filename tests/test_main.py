@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -133,17 +134,6 @@ def csv_rows(run):
 
 def assert_ok(proc):
     assert proc.returncode == 0, proc.output[-4000:]
-
-
-@pytest.fixture(scope="module")
-def main_module():
-    """main.py imported as the module `main`, as configs name it (main.DataModuleFromConfig)."""
-    if "main" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("main", MAIN)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["main"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["main"]
 
 
 # ---------------------------------------------------------------------------------------------- full runs
@@ -300,6 +290,65 @@ def test_exception_inside_training_leaves_last_ckpt(tmp_path, monkeypatch, main_
     assert signal.getsignal(signal.SIGUSR1) is handler  # main() restored what it replaced
 
 
+def test_resume_from_checkpoint_starts_a_new_run_from_the_training_state(tmp_path, monkeypatch, main_module):
+    """The original main.py's advice: -n <name> with Lightning 1's --resume_from_checkpoint starts a new run directory
+    from another run's checkpoint, its step and optimizer state included."""
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "rec")
+    config["lightning"]["trainer"]["enable_progress_bar"] = False
+    path = str(write_config(tmp_path, config))
+    assert main_module.main(["-b", path, "-t", "-l", "logs", "--max_steps", "2", "--no-test"]) == 0
+    (first,) = run_dirs(tmp_path)
+    ckpt = str(first / "checkpoints" / "last.ckpt")
+    assert main_module.main(["-b", path, "-t", "-l", "logs", "-n", "again", "--resume_from_checkpoint", ckpt,
+                             "--max_steps", "3", "--no-test"]) == 0
+    second = [run for run in run_dirs(tmp_path) if run != first]
+    assert len(second) == 1 and second[0].name.endswith("_again")
+    start = read_json(tmp_path / "rec" / "rank0_start.json")
+    assert start["global_step"] == 2 and start["adam_step"] == 2  # the training state came along
+    assert ckpt_step(second[0] / "checkpoints" / "last.ckpt") == 3 and ckpt_step(ckpt) == 2
+    saved = OmegaConf.load(next((second[0] / "configs").glob("*-lightning.yaml")))
+    assert "resume_from_checkpoint" not in saved.lightning.trainer  # a later -r resumes from the run's own last.ckpt
+
+
+def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, main_module):
+    """A config written for the originals names pytorch_lightning.* callbacks and loggers; one written for the
+    `lightning` package names lightning.pytorch.*. Both train with our Trainer, as the one checkpoint callback
+    (no default one beside it) and the one logger."""
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "rec")
+    lightning = config["lightning"]
+    lightning["logger"] = {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csvrun"}}
+    lightning["modelcheckpoint"] = {"target": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                    "params": {"filename": "{step:06}", "save_top_k": -1, "monitor": None,
+                                               "every_n_train_steps": 1}}
+    lightning["callbacks"]["lr"] = {"target": "lightning.pytorch.callbacks.LearningRateMonitor",
+                                    "params": {"logging_interval": "step"}}
+    lightning["callbacks"]["learning_rate_logger"] = None
+    lightning["trainer"]["enable_progress_bar"] = False
+    assert main_module.main(["-b", str(write_config(tmp_path, config)), "-t", "-l", "logs", "--max_steps", "2",
+                             "--no-test"]) == 0
+    (run,) = run_dirs(tmp_path)
+    end = read_json(tmp_path / "rec" / "rank0_end.json")
+    assert end["checkpoint_callbacks"] == ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
+    assert end["loggers"] == ["pytorch_lightning.loggers.csv_logs.CSVLogger"]
+    assert "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor" in end["callbacks"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step=*.ckpt")) == ["step=000001.ckpt", "step=000002.ckpt"]
+    metrics = (run / "csvrun" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "lr-AdamW" in metrics[0].split(",")  # the aliased lightning.pytorch monitor logged into our logger
+
+
+def test_the_package_uses_one_lightning_namespace():
+    """pytorch_lightning and lightning.pytorch are separate class hierarchies (a LightningModule of one is refused
+    by the other's Trainer): the package, main.py and the scripts import only pytorch_lightning."""
+    pattern = re.compile(r"^\s*(from|import)\s+lightning(\.pytorch|\.fabric)?\b", re.MULTILINE)
+    files = [MAIN, *REPO.glob("ldm/**/*.py"), *REPO.glob("scripts/**/*.py"), *REPO.glob("tests/**/*.py")]
+    offenders = [str(f.relative_to(REPO)) for f in files if pattern.search(f.read_text())]
+    assert not offenders, offenders
+
+
 def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch):
     from ldm.training.checkpoint_io import AtomicCheckpointIO
 
@@ -325,29 +374,141 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch)
     assert torch.load(target, weights_only=True)["step"] == 1  # the previous checkpoint is intact
 
 
+# a tiny KL autoencoder whose loss rejects its disc_loss (the error must name model.params.lossconfig)
+BAD_LOSS_AUTOENCODER = {
+    "base_learning_rate": 1.0e-4, "target": "ldm.models.autoencoder.AutoencoderKL",
+    "params": {"embed_dim": 4,
+               "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 8, "in_channels": 3, "out_ch": 3, "ch": 32,
+                            "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+               "lossconfig": {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                              "params": {"disc_start": 1, "disc_loss": "bogus", "perceptual_weight": 0.0}}},
+}
+
+
 @pytest.mark.parametrize("args, message", [
     (["-b", "missing.yaml", "-t"], "-b/--base: config file 'missing.yaml' does not exist"),
     (["-b", "{nomodel}", "-t"], "has no 'model' section"),
     (["-b", "{tiny}", "-t", "lightning.trainer.max_step=3"],
-     "lightning.trainer.max_step is not an argument of lightning.pytorch.Trainer; did you mean 'max_steps'?"),
+     "lightning.trainer.max_step is not an argument of pytorch_lightning.Trainer; did you mean 'max_steps'?"),
     (["-r", "logs/old", "-n", "again"], "-n/--name and -r/--resume cannot be used together"),
     (["-r", "logs/nothing-here", "-t"], "-r/--resume: 'logs/nothing-here' does not exist"),
     (["-b", "{tiny}", "-t", "model.params.timesteps"], "unrecognised argument 'model.params.timesteps'"),
     (["-b", "{tiny}", "-t", "--max_stepz", "3"], "unrecognised argument '--max_stepz'"),
     (["-b", "{tiny}", "-t", "model.params.unet_config.params.in_chanels=3"], "does not accept parameter(s) in_chanels"),
     (["-b", "{tiny}", "-t", "model.base_learning_rate=null"], "config key model.base_learning_rate is missing"),
+    (["-b", "{tiny}", "-t", "lightning.trainr.max_steps=3"],
+     "lightning.trainr is not a section main.py reads; did you mean 'trainer'? known: trainer (Trainer arguments), "
+     "logger"),
+    (["-b", "{tiny}", "-t", "model.params=[1,"],
+     "config override 'model.params=[1,': the value '[1,' is not valid YAML (did not find expected node content)"),
+    (["-b", "{tiny}", "-t", "model..params.timesteps=3"], "config override 'model..params.timesteps=3': the key"),
+    (["-b", "{ae}", "-t"], "config 'model.params.lossconfig': ldm.modules.losses.LPIPSWithDiscriminator rejected its "
+                           "parameters: ValueError: lossconfig.params.disc_loss must be one of"),
+    (["-b", "{tiny}", "-t", "data.params.batch_size=0"], "config 'data': main.DataModuleFromConfig rejected its "
+                                                         "parameters: ValueError: data.params.batch_size must be"),
+    (["-b", "{tiny}", "-t", "lightning.callbacks.image_logger.params.batch_frequency=0"],
+     "config 'lightning.callbacks.image_logger': main.ImageLogger rejected its parameters: ValueError: ImageLogger "
+     "batch_frequency must be a positive integer, got 0"),
+    (["-b", "{tiny}", "-t", "--resume_from_checkpoint", "nowhere.ckpt"],
+     "--resume_from_checkpoint: checkpoint 'nowhere.ckpt' does not exist"),
+    (["-b", "{tiny}", "-t", "lightning.strategy.target=pytorch_lightning.strategies.DDPStrategy", "--strategy", "ddp"],
+     "lightning.strategy and lightning.trainer.strategy / --strategy both name the strategy"),
 ])
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, main_module, args, message):
     monkeypatch.syspath_prepend(str(HELPERS))
     monkeypatch.chdir(tmp_path)
     tiny = write_config(tmp_path)
     nomodel = write_config(tmp_path, {"data": {"target": "main.DataModuleFromConfig"}}, "nomodel.yaml")
-    args = [a.format(tiny=tiny, nomodel=nomodel) for a in args]
+    ae = write_config(tmp_path, {**tiny_config(tmp_path / "rec"), "model": BAD_LOSS_AUTOENCODER}, "ae.yaml")
+    args = [a.format(tiny=tiny, nomodel=nomodel, ae=ae) for a in args]
     assert main_module.main(["-l", "logs", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "logs").exists() and not (tmp_path / "rec").exists()
+
+
+def test_every_trainer_argument_is_a_flag_that_reaches_the_trainer(tmp_path, monkeypatch, main_module):
+    import datetime
+    import inspect
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Timer
+
+    generated = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks",
+                                                                         "default_root_dir", "plugins"}
+    assert set(main_module.TRAINER_FLAGS) == generated and len(generated) > 30
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # --benchmark sets it
+    argv = ["-b", str(write_config(tmp_path)), "-t", "-l", "logs", "--max_steps", "2", "--accumulate_grad_batches",
+            "2", "--precision", "32", "--benchmark", "model.params.log_every_t=3", "--max_time", "00:00:10:00",
+            "--limit_val_batches", "0.5", "--fast_dev_run", "false", "--check_val_every_n_epoch", "3"]
+    opt, unknown = main_module.get_parser().parse_known_args(main_module.explicit_bool_flags(argv))
+    assert unknown == ["model.params.log_every_t=3"]
+    _, model, _, trainer, _ = main_module.prepare(opt, unknown, "now")
+    assert trainer.max_steps == 2 and trainer.accumulate_grad_batches == 2 and trainer.precision == "32-true"
+    assert trainer.limit_val_batches == 0.5 and trainer.check_val_every_n_epoch == 3 and not trainer.fast_dev_run
+    assert torch.backends.cudnn.benchmark is True
+    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    assert timer._duration == datetime.timedelta(minutes=10).total_seconds()
+    assert model.learning_rate == pytest.approx(2 * 2 * 1e-4)  # the accumulation flag reached the lr rule too
+    assert model.log_every_t == 3
+    assert not (tmp_path / "logs").exists()
+
+
+def test_trainer_flag_values_are_typed_from_the_signature(main_module, capsys):
+    flags = main_module.TRAINER_FLAGS
+    assert flags["precision"].parse("32") == 32 and flags["precision"].parse("bf16-mixed") == "bf16-mixed"
+    assert flags["devices"].parse("2") == 2 and flags["devices"].parse("0,1") == "0,1"
+    assert flags["devices"].parse("[0, 1]") == [0, 1]
+    assert flags["val_check_interval"].parse("100") == 100 and flags["val_check_interval"].parse("0.25") == 0.25
+    assert flags["gradient_clip_val"].parse("1e-3") == pytest.approx(1e-3)
+    assert flags["deterministic"].parse("warn") == "warn" and flags["deterministic"].parse("true") is True
+    parser = main_module.get_parser()
+    opt, unknown = parser.parse_known_args(main_module.explicit_bool_flags(
+        ["--benchmark", "model.x=1", "--fast_dev_run", "3", "--enable_progress_bar", "false", "--detect_anomaly"]))
+    assert opt.benchmark is True and opt.fast_dev_run == 3 and opt.enable_progress_bar is False
+    assert opt.detect_anomaly is True and unknown == ["model.x=1"]
+    for argv, expected in ((["--precision", "17"], "argument --precision: expected "),
+                           (["--max_steps", "many"], "argument --max_steps: expected int; got 'many'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_known_args(main_module.explicit_bool_flags(argv))
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_find_unused_parameters_reaches_the_ddp_wrapper(tmp_path):
+    """SD 2's inpainting config sets lightning.find_unused_parameters; it is DDP's option, whatever DDP the Trainer
+    runs (an explicit ddp here), and has no effect elsewhere."""
+    import pytorch_lightning as pl
+
+    from ldm.training.trainer import apply_find_unused_parameters
+
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    apply_find_unused_parameters(trainer, True)
+    assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    apply_find_unused_parameters(single, True)
+    assert not hasattr(single.strategy, "_ddp_kwargs")
+
+
+def test_lightning_strategy_section_builds_the_trainers_strategy(tmp_path, monkeypatch, main_module):
+    """generative-models' lightning.strategy (target/params) is the Trainer's strategy; SD 2's
+    lightning.find_unused_parameters reaches the DDP wrapper of a --strategy ddp run."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    path = str(write_config(tmp_path))
+    argv = ["-b", path, "-l", "logs", "--accelerator", "cpu", "--devices", "1", "--no-test"]
+    strategy = ["lightning.strategy.target=pytorch_lightning.strategies.DDPStrategy",
+                "lightning.strategy.params.find_unused_parameters=true"]
+    for extra, kwargs in ((strategy, {"find_unused_parameters": True}),
+                          (["--strategy", "ddp", "lightning.find_unused_parameters=false"],
+                           {"find_unused_parameters": False})):
+        opt, unknown = main_module.get_parser().parse_known_args(main_module.explicit_bool_flags(argv + extra))
+        trainer = main_module.prepare(opt, unknown, "now")[3]
+        assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._ddp_kwargs == kwargs
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -469,6 +630,98 @@ def test_data_module_from_config(main_module):
     assert isinstance(val.sampler, torch.utils.data.SequentialSampler)
     batch = next(iter(val))
     assert batch["image"].shape == (3, 8, 8, 3) and len(val) == 2
-    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from pytorch_lightning.utilities.model_helpers import is_overridden
 
     assert is_overridden("val_dataloader", data) and not is_overridden("test_dataloader", data)
+
+
+class Painter(torch.nn.Module):
+    """A module with log_images that records each call (split, step, keyword arguments, autocast state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.global_step, self.current_epoch, self.calls = 0, 0, []
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def log_images(self, batch, split="train", N=8, **kwargs):
+        self.calls.append({"split": split, "step": self.global_step, "N": N, "training": self.training,
+                           "autocast": torch.is_autocast_enabled(self.device.type), **kwargs})
+        return {"inputs": torch.linspace(-2, 2, 3 * 4 * 4).reshape(1, 3, 4, 4).repeat(2, 1, 1, 1)}
+
+
+def test_image_logger_takes_the_originals_parameters(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from ldm.training.callbacks import ImageLogger
+
+    trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path), loggers=[], sanity_checking=False)
+    module = Painter()
+    logger = ImageLogger(batch_frequency=2, max_images=1, increase_log_steps=False, log_before_first_step=True,
+                         log_images_kwargs={"ddim_steps": 5, "inpaint": False}, enable_autocast=False, clamp=False,
+                         rescale=False)
+    logger.on_train_batch_start(trainer, module, {}, 0)  # before the first step: logged, as generative-models does
+    logger.on_train_batch_end(trainer, module, None, {}, 0)  # the same step 0 (accumulation) is not logged twice
+    assert module.calls == [{"split": "train", "step": 0, "N": 1, "training": False, "autocast": False,
+                             "ddim_steps": 5, "inpaint": False}]
+    assert module.training  # back in training mode after logging
+    module.global_step = 1
+    logger.on_train_batch_end(trainer, module, None, {}, 1)  # not due (batch_frequency 2, no increasing steps)
+    module.global_step = 2
+    logger.on_train_batch_end(trainer, module, None, {}, 2)
+    assert [c["step"] for c in module.calls] == [0, 2]
+    grid = np.asarray(Image.open(tmp_path / "images" / "train" / "inputs_gs-000002_e-000000_b-000002.png"))
+    # max_images 1 -> the first 4x4 image alone; values outside [0, 1] are cut when written (the original's uint8
+    # cast wrapped them around), so the first pixel (-2) is black and the last (2) white
+    assert grid.shape == (4, 4, 3) and grid[0, 0, 0] == 0 and grid[3, 3, 2] == 255
+    half = torch.full((1, 3, 4, 4), 0.5)
+    assert torch.allclose(ImageLogger(batch_frequency=1, max_images=1)._grid(half), torch.full((3, 4, 4), 0.75))
+    assert torch.allclose(ImageLogger(1, 1, rescale=False)._grid(half), half[0])  # rescale: [-1, 1] -> [0, 1]
+
+    off = ImageLogger(batch_frequency=1, max_images=1, disabled=True, log_first_step=True, log_before_first_step=True)
+    off.on_train_batch_start(trainer, module, {}, 0)
+    off.on_train_batch_end(trainer, module, None, {}, 0)
+    assert len(module.calls) == 2
+    # latent-diffusion's default: step 0 only with log_first_step, and only at the end of the batch
+    module.global_step = 0
+    default = ImageLogger(batch_frequency=4, max_images=1)
+    default.on_train_batch_start(trainer, module, {}, 0)
+    default.on_train_batch_end(trainer, module, None, {}, 0)
+    assert len(module.calls) == 2
+    first = ImageLogger(batch_frequency=4, max_images=1, log_first_step=True)
+    first.on_train_batch_end(trainer, module, None, {}, 0)
+    assert len(module.calls) == 3 and module.calls[-1]["N"] == 1
+    # log_on_batch_idx counts batches of the epoch: batch 4 at global step 7 is due
+    by_batch = ImageLogger(batch_frequency=4, max_images=1, increase_log_steps=False, log_on_batch_idx=True)
+    module.global_step = 7
+    by_batch.on_train_batch_end(trainer, module, None, {}, 4)
+    assert module.calls[-1]["step"] == 7 and len(module.calls) == 4
+
+
+def test_image_logger_enable_autocast_is_cuda_autocast_on_or_off():
+    """generative-models' enable_autocast wraps log_images in torch.cuda.amp.autocast(enabled=...): on a CUDA
+    module autocast is entered (in the autocast dtype) or switched off; without the parameter (None, latent-diffusion)
+    and on other devices the ambient state is left alone."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from ldm.training.callbacks import ImageLogger
+
+    cuda = torch.device("cuda")
+    assert isinstance(ImageLogger(1, 1)._autocast(cuda), contextlib.nullcontext)
+    assert isinstance(ImageLogger(1, 1, enable_autocast=True)._autocast(torch.device("cpu")), contextlib.nullcontext)
+    off = ImageLogger(1, 1, enable_autocast=False)._autocast(cuda)
+    assert isinstance(off, torch.autocast) and off.device == "cuda" and not off._enabled
+    on = ImageLogger(1, 1, enable_autocast=True)._autocast(cuda)
+    assert isinstance(on, torch.autocast) and on.fast_dtype == torch.get_autocast_dtype("cuda")
+    assert on._enabled == torch.cuda.is_available()  # torch turns CUDA autocast off itself where there is no CUDA
+    module = Painter()
+    logger = ImageLogger(1, 1, enable_autocast=False, log_first_step=True, increase_log_steps=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a CPU module keeps the autocast it runs under
+        logger.log_img(SimpleNamespace(is_global_zero=False), module, {}, 0)
+    assert module.calls[0]["autocast"] is True

@@ -189,6 +189,178 @@ class ShapesValidation(ShapesDataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# Scenes: several shapes per image, with their layout and label map
+
+SCENE_SIZE_RANGE = (0.3, 0.5)  # smaller than one shape's, so that up to three fit side by side
+SEGMENTATION_LABELS: tuple[str, ...] = ("background",) + SHAPES  # the label map's values
+_SCENE_STREAM = 1  # the scenes' random stream differs from ShapesDataset's for the same (seed, split, index)
+_PLACEMENT_TRIES = 20
+
+
+def scene_caption(objects: Sequence[tuple[str, str]], background: str) -> str:
+    """'a red circle, a blue square and a green triangle on a white background' for (shape, colour) pairs."""
+    names = [f"a {color} {shape}" for shape, color in objects]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{listed} on a {background} background"
+
+
+def _box_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over the smaller area of two (x0, y0, x1, y1) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    return float(w * h / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])))
+
+
+def render_scene(objects: Sequence[dict[str, Any]], background: str, size: int,
+                 supersample: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB image, int64 label map) of shapes drawn in order (later ones on top); `objects` hold `shape`,
+    `color`, `center`, `side` in output pixels. A pixel's label is the most covered of its supersampled block
+    (0 background, 1 + SHAPES.index otherwise)."""
+    big = size * supersample
+    canvas = Image.new("RGB", (big, big), BACKGROUNDS[background])
+    labels = Image.new("L", (big, big), 0)
+    for obj in objects:
+        cx, cy = obj["center"][0] * supersample, obj["center"][1] * supersample
+        s, label = obj["side"] * supersample, 1 + SHAPES.index(obj["shape"])
+        for draw, fill in ((ImageDraw.Draw(canvas), COLORS[obj["color"]]), (ImageDraw.Draw(labels), label)):
+            if obj["shape"] == "circle":
+                draw.ellipse([cx - s / 2, cy - s / 2, cx + s / 2 - 1, cy + s / 2 - 1], fill=fill)
+            else:
+                draw.polygon(_polygon(obj["shape"], cx - 0.5, cy - 0.5, s), fill=fill)
+    pixels = np.asarray(canvas.resize((size, size), resample=Image.Resampling.BOX))
+    blocks = np.asarray(labels).reshape(size, supersample, size, supersample).transpose(0, 2, 1, 3)
+    counts = np.eye(len(SEGMENTATION_LABELS), dtype=np.int64)[blocks.reshape(size, size, -1)].sum(axis=2)
+    return pixels, counts.argmax(axis=-1)
+
+
+def scene_depth(objects: Sequence[dict[str, Any]], background: str, size: int,
+                supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """The inverse depth [1, size, size] (float32 in [0, 1], MiDaS' sense: larger is nearer) of a scene: the
+    background at 0, object k (drawn in order, later ones on top) a flat card at `depth`, anti-aliased."""
+    big = size * supersample
+    canvas = Image.new("F", (big, big), 0.0)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        cx, cy, s = obj["center"][0] * supersample, obj["center"][1] * supersample, obj["side"] * supersample
+        if obj["shape"] == "circle":
+            draw.ellipse([cx - s / 2, cy - s / 2, cx + s / 2 - 1, cy + s / 2 - 1], fill=float(obj["depth"]))
+        else:
+            draw.polygon(_polygon(obj["shape"], cx - 0.5, cy - 0.5, s), fill=float(obj["depth"]))
+    blocks = np.asarray(canvas, dtype=np.float32).reshape(size, supersample, size, supersample)
+    return blocks.mean(axis=(1, 3))[None]
+
+
+class ShapesScenes(Dataset):
+    """Images of `min_objects`..`max_objects` shapes each (distinct colours, little overlap) on a plain background,
+    deterministic by (seed, split, index), with what the layout-to-image and semantic-synthesis tasks read.
+
+    Example keys: `image` (HWC float32 in [-1, 1]), `caption` ('a red circle and a blue square on a white
+    background'), `background`, `n_objects`, `class_labels` [max_objects] (`class_label_of` each object, -1 padding),
+    `bboxes` [max_objects, 4] (x0, y0, x1, y1 in pixels, zero padding), `coordinates_bbox` (the layout as a long
+    token sequence of `layout_builder`: one (class, top-left, bottom-right) triple per object, the full-image crop),
+    `segmentation` (HWC float32 one-hot over `SEGMENTATION_LABELS`: background, circle, square, triangle) and
+    `segmentation_labels` (HW int64 label map) and `depth` ([1, H, W] float32 inverse depth in [0, 1]: background
+    0, each shape a flat card nearer than those it covers; what depth-to-image models read instead of MiDaS').
+    """
+
+    def __init__(self, size: int = 16, length: int = 10000, seed: int = 0, split: str = "train",
+                 min_objects: int = 1, max_objects: int = 3, shapes: Optional[Sequence[str]] = None,
+                 colors: Optional[Sequence[str]] = None, backgrounds: Optional[Sequence[str]] = None,
+                 size_range: Sequence[float] = SCENE_SIZE_RANGE, no_tokens: int = 256, max_overlap: float = 0.25
+                 ) -> None:
+        from ldm.modules.encoders.layout import BoundingBoxLayout
+
+        base = ShapesDataset(size=size, length=length, seed=seed, split=split, shapes=shapes, colors=colors,
+                             backgrounds=backgrounds, size_range=size_range)  # validates the common arguments
+        self.size, self.length, self.seed, self.split = base.size, base.length, base.seed, base.split
+        self.shapes, self.colors, self.backgrounds, self.size_range = base.shapes, base.colors, base.backgrounds, \
+            base.size_range
+        if not 1 <= int(min_objects) <= int(max_objects) <= len(self.colors):
+            raise ValueError(f"ShapesScenes: need 1 <= min_objects ({min_objects}) <= max_objects ({max_objects}) "
+                             f"<= the number of colours ({len(self.colors)})")
+        if not 0.0 <= float(max_overlap) <= 1.0:
+            raise ValueError(f"ShapesScenes: max_overlap={max_overlap} must lie in [0, 1]")
+        self.min_objects, self.max_objects, self.max_overlap = int(min_objects), int(max_objects), float(max_overlap)
+        self.layout_builder = BoundingBoxLayout(len(SHAPES) * len(COLORS), self.max_objects, int(no_tokens),
+                                                category_names=[f"{c} {s}" for s in SHAPES for c in COLORS])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _place(self, rng: np.random.Generator, placed: list[np.ndarray]) -> tuple[float, np.ndarray]:
+        """A side and box for the next shape: the first of a few draws that overlaps the placed ones little."""
+        for _ in range(_PLACEMENT_TRIES):
+            side = float(rng.uniform(*self.size_range)) * self.size
+            margin = side / 2 + 1.0
+            cx, cy = (float(rng.uniform(margin, self.size - margin)) for _ in range(2))
+            box = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], dtype=np.float32)
+            if all(_box_overlap(box, other) <= self.max_overlap for other in placed):
+                break
+        return side, box
+
+    def attributes(self, index: int) -> dict[str, Any]:
+        """The ground truth of example `index` (background, the objects in drawing order), without rendering it."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"ShapesScenes index {index} out of range for length {self.length}")
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAMS[self.split], index, _SCENE_STREAM])
+        background = self.backgrounds[rng.integers(len(self.backgrounds))]
+        n = int(rng.integers(self.min_objects, self.max_objects + 1))
+        colors = [self.colors[i] for i in rng.choice(len(self.colors), size=n, replace=False)]
+        objects, boxes = [], []
+        for color in colors:
+            shape = self.shapes[rng.integers(len(self.shapes))]
+            side, box = self._place(rng, boxes)
+            boxes.append(box)
+            objects.append({"shape": shape, "color": color, "side": side, "bbox": box,
+                            "center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)})
+        # inverse depths, nearer for shapes drawn later (they cover the earlier ones): sorted draws in [0.3, 1]
+        for obj, depth in zip(objects, np.sort(rng.uniform(0.3, 1.0, size=n))):
+            obj["depth"] = float(depth)
+        return {"background": background, "objects": objects}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        truth = self.attributes(int(index))
+        objects, k = truth["objects"], self.max_objects
+        pixels, label_map = render_scene(objects, truth["background"], self.size)
+        class_labels = np.full(k, -1, dtype=np.int64)
+        bboxes = np.zeros((k, 4), dtype=np.float32)
+        layout = []
+        for i, obj in enumerate(objects):
+            class_labels[i] = class_label_of(obj["shape"], obj["color"])
+            bboxes[i] = obj["bbox"]
+            x0, y0, x1, y1 = (float(v) / self.size for v in obj["bbox"])
+            layout.append((int(class_labels[i]), (x0, y0, x1 - x0, y1 - y0)))
+        return {
+            "image": to_model_array(pixels),
+            "caption": scene_caption([(o["shape"], o["color"]) for o in objects], truth["background"]),
+            "background": truth["background"],
+            "n_objects": len(objects),
+            "class_labels": class_labels,
+            "bboxes": bboxes,
+            "coordinates_bbox": self.layout_builder.build(layout),
+            "segmentation": np.eye(len(SEGMENTATION_LABELS), dtype=np.float32)[label_map],
+            "segmentation_labels": label_map,
+            "depth": scene_depth(objects, truth["background"], self.size),
+        }
+
+
+class ShapesScenesTrain(ShapesScenes):
+    """The training stream of `ShapesScenes`."""
+
+    def __init__(self, size: int = 16, length: int = 10000, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(size=size, length=length, seed=seed, split="train", **kwargs)
+
+
+class ShapesScenesValidation(ShapesScenes):
+    """The held-out stream of `ShapesScenes`."""
+
+    def __init__(self, size: int = 16, length: int = 1000, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(size=size, length=length, seed=seed, split="validation", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Judge: shape and colour from pixels
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,7 +61,7 @@ def _step_not_counted(optimizer: Any) -> Iterator[None]:
             setattr(optimizer, name, hook)
 
 
-class _AutoencoderBase(L.LightningModule):
+class _AutoencoderBase(pl.LightningModule):
     """What both autoencoders share: input handling, checkpoint loading, EMA, the two-optimizer training loop,
     validation and image logging. Subclasses define the bottleneck and how the loss is called."""
 

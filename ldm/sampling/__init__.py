@@ -22,7 +22,8 @@ from ldm.sampling.schedule import (
 )
 
 __all__ = [
-    "ALIASES", "SAMPLERS", "SamplerSpec", "sampler_spec", "Denoiser", "EDMSchedule", "FlowSchedule", "GlobalNoise", "NoiseSchedule", "PARAMETERIZATIONS", "Prediction",
+    "ALIASES", "SAMPLERS", "SamplerSpec", "sampler_spec", "Denoiser", "EDMSchedule", "FlowSchedule", "GlobalNoise",
+    "NoiseSchedule", "PARAMETERIZATIONS", "Prediction",
     "Schedule", "SeededNoise", "build_schedule", "check_parameterization", "combine", "concat_conditioning",
     "edm_scalings", "guided_model_fn", "make_noise", "rescale_zero_terminal_snr", "spacing", "to_prediction",
     "training_target",

@@ -11,10 +11,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 class GlobalNoise:
-    """Noise from torch's global random number generator (the original behaviour)."""
+    """Noise from torch's global random number generator (the original behaviour).
+
+    `draws_every_step`: the original LDM samplers (ddim, plms, ddpm) draw a step's noise at every step from this
+    source and multiply it by zero where the step adds none (eta = 0, sigma = 0), as the original code does, so the
+    global generator's stream -- and with it a masked run or a second batch from one seed -- is the original's.
+    """
+
+    draws_every_step = True
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -23,12 +31,18 @@ class GlobalNoise:
         """Standard normal noise of the full shape, batch included."""
         return torch.randn(tuple(shape), device=self.device, dtype=dtype)
 
+    def dropout(self, z: torch.Tensor, p: float) -> torch.Tensor:
+        """`torch.nn.functional.dropout(z, p)`: the original samplers' `noise_dropout` mask, from the global generator."""
+        return F.dropout(z, p=p)
+
 
 class SeededNoise:
     """One torch.Generator per sample, seeded by `seeds[i]`; draws are made on the CPU and moved.
 
     CPU draws make the noise identical on every device; the cost is one small copy per step.
     """
+
+    draws_every_step = False  # a step that adds no noise draws none: sample i stays independent of the step count
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         if len(seeds) == 0:
@@ -44,6 +58,16 @@ class SeededNoise:
             raise ValueError(f"SeededNoise has {len(self.generators)} seeds but a batch of {shape[0]} was asked for")
         rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in self.generators]
         return torch.stack(rows).to(self.device, dtype)
+
+    def dropout(self, z: torch.Tensor, p: float) -> torch.Tensor:
+        """z with a share p of its entries zeroed and the rest scaled by 1 / (1 - p), as `F.dropout`; row i's keep
+        mask is a Bernoulli(1 - p) draw of generator i (the CPU mask F.dropout draws from the global generator)."""
+        if z.shape[0] != len(self.generators):
+            raise ValueError(f"SeededNoise has {len(self.generators)} seeds but a batch of {z.shape[0]} was asked for")
+        if p >= 1:
+            return torch.zeros_like(z)
+        keep = torch.stack([torch.empty(z.shape[1:]).bernoulli_(1 - p, generator=g) for g in self.generators])
+        return z * (keep / (1 - p)).to(z.device, z.dtype)
 
 
 def make_noise(seeds: Sequence[int] | None, device: torch.device | str) -> GlobalNoise | SeededNoise:
@@ -82,9 +106,15 @@ class BrownianTreeNoise:
         self._trees: list = []
         self._tree_key: tuple | None = None
 
+    draws_every_step = False
+
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Plain per-sample normal noise of shape [B, ...], the same as SeededNoise(seeds).randn."""
         return self.seeded.randn(shape, dtype)
+
+    def dropout(self, z: torch.Tensor, p: float) -> torch.Tensor:
+        """The dropout of SeededNoise with the same seeds."""
+        return self.seeded.dropout(z, p)
 
     def bind(self, sigma_min: float, sigma_max: float) -> None:
         """Set the span of the trees: the smallest positive and the largest noise level a sampler visits."""

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ldm.util import atomic_path
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, unwritable directory); the message names the file."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,5 +30,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         logger.debug("Saving checkpoint %s", path)
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except OSError as err:
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {err}; the previous "
+                                       f"{os.path.basename(str(path))} (if any) is unchanged") from err

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from lightning.pytorch.core.saving import save_hparams_to_yaml
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from ldm.training.clock import TRAIN_SECONDS
 from ldm.util import atomic_path
@@ -141,7 +141,7 @@ class AppendingExperimentWriter(ExperimentWriter):
 
 
 class AppendingCSVLogger(CSVLogger):
-    """`lightning.pytorch.loggers.CSVLogger` (same arguments) that appends to `<save_dir>/<name>/<version>/metrics.csv`
+    """`pytorch_lightning.loggers.CSVLogger` (same arguments) that appends to `<save_dir>/<name>/<version>/metrics.csv`
     when it exists, so a resumed run keeps one file with all its sessions."""
 
     @property

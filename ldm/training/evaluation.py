@@ -19,9 +19,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from pytorch_lightning.callbacks import Callback
 
 from ldm.evaluation.common import EvaluationError, parse_metrics
 from ldm.evaluation.distributed import gather_rows, shard_batches

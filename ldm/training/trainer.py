@@ -6,25 +6,27 @@ import logging
 import os
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ProgressBar, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ldm.training.callbacks import EmergencyCheckpoint, SetupCallback
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.fault_tolerance import ModuleBatchEndFirst, RandomState
 from ldm.training.config import RunDir, UsageError
-from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, first_line, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_TARGET = "lightning.pytorch.callbacks.ModelCheckpoint"
+CHECKPOINT_TARGET = "pytorch_lightning.callbacks.ModelCheckpoint"
 DEFAULT_CALLBACKS = {
     "image_logger": {"target": "ldm.training.callbacks.ImageLogger",
                      "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
-    "learning_rate_logger": {"target": "lightning.pytorch.callbacks.LearningRateMonitor",
+    "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                              "params": {"logging_interval": "step"}},
     "train_clock": {"target": "ldm.training.clock.TrainClock", "params": {}},
 }
@@ -77,7 +79,7 @@ def csv_logger_config(run: RunDir) -> dict[str, Any]:
 def default_logger_config(run: RunDir) -> dict[str, Any]:
     """TensorBoard in `<logdir>/tensorboard`, or CSV files in `<logdir>/csv` when tensorboard is missing."""
     if _TENSORBOARD_AVAILABLE:
-        return {"target": "lightning.pytorch.loggers.TensorBoardLogger",
+        return {"target": "pytorch_lightning.loggers.TensorBoardLogger",
                 "params": {"save_dir": run.logdir, "name": "", "version": "tensorboard"}}
     logger.info("tensorboard is not installed; logging metrics to CSV files only")
     return csv_logger_config(run)
@@ -139,6 +141,7 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
         else:
             cfg = user
         callbacks.append(instantiate_from_config(cfg, path=f"lightning.callbacks.{name}"))
+    callbacks.extend(fault_tolerance_callbacks(lightning_config))  # before the callbacks that save
     callbacks.append(emergency)
     if options.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(TQDMProgressBar())
@@ -148,18 +151,64 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
     return callbacks
 
 
+def fault_tolerance_callbacks(lightning_config: DictConfig) -> list[Callback]:
+    """NaNGuard (`lightning.nan_guard`: params, or null/false to turn it off), RandomState
+    (`lightning.random_state: false` turns it off), and ModuleBatchEndFirst (EMA updates before checkpoints)."""
+    out: list[Callback] = []
+    guard = lightning_config.get("nan_guard", {})
+    if guard not in (None, False):
+        params = OmegaConf.to_container(guard) if isinstance(guard, DictConfig) else guard
+        if not isinstance(params, dict):
+            raise UsageError(f"lightning.nan_guard: expected a mapping like {{max_consecutive: 10}} or null, "
+                             f"got {guard!r}")
+        out.append(instantiate_from_config({"target": "ldm.training.fault_tolerance.NaNGuard", "params": params},
+                                           path="lightning.nan_guard"))
+    else:
+        logger.info("NaN guard disabled by lightning.nan_guard: %s", guard)
+    if lightning_config.get("random_state", True):
+        out.append(RandomState())
+    out.append(ModuleBatchEndFirst())
+    return out
+
+
 def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: RunDir, model: Any,
                   config: DictConfig, emergency: EmergencyCheckpoint, project: str | None = None) -> pl.Trainer:
     """The Trainer for this run, with atomic checkpoint writes (DeepSpeed writes its own checkpoints)."""
     options = dict(options)
     loggers = build_loggers(lightning_config, run, project)
     callbacks = build_callbacks(lightning_config, run, model, config, options, emergency)
+    strategy = options.get("strategy")
+    if isinstance(strategy, dict) and "target" in strategy:  # a Strategy object from its config
+        options["strategy"] = instantiate_from_config(strategy, path="lightning.trainer.strategy")
     plugins = options.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-    if not str(options.get("strategy", "")).startswith("deepspeed"):
+    strategy_config = lightning_config.get("strategy")
+    if strategy_config is not None:
+        if options.get("strategy", "auto") != "auto":
+            raise UsageError("lightning.strategy and lightning.trainer.strategy / --strategy both name the strategy; "
+                             "keep one")
+        options["strategy"] = instantiate_from_config(strategy_config, path="lightning.strategy")
+    strategy = options.get("strategy", "")
+    if not (str(strategy).startswith("deepspeed") or isinstance(strategy, DeepSpeedStrategy)):
         plugins.append(AtomicCheckpointIO())
     try:
-        return pl.Trainer(**options, logger=loggers, callbacks=callbacks, plugins=plugins,
-                          default_root_dir=run.logdir)
+        trainer = pl.Trainer(**options, logger=loggers, callbacks=callbacks, plugins=plugins,
+                             default_root_dir=run.logdir)
     except (MisconfigurationException, ValueError) as err:
-        raise UsageError(f"lightning.trainer / Trainer flags: {str(err).strip().splitlines()[0]}") from err
+        raise UsageError(f"lightning.trainer / Trainer flags: {first_line(err)}") from err
+    apply_find_unused_parameters(trainer, lightning_config.get("find_unused_parameters"))
+    return trainer
+
+
+def apply_find_unused_parameters(trainer: pl.Trainer, value: Any) -> None:
+    """`lightning.find_unused_parameters` (SD 2's inpainting config) for the DDP wrapper of whatever DDP strategy
+    the Trainer chose (also `auto` on several devices); other strategies have no such option."""
+    if value is None:
+        return
+    if not isinstance(value, bool):
+        raise UsageError(f"lightning.find_unused_parameters must be true or false, got {value!r}")
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = value  # read when the model is wrapped, at fit
+    else:
+        logger.info("lightning.find_unused_parameters=%s has no effect: the strategy is %s, not DDP", value,
+                    type(trainer.strategy).__name__)

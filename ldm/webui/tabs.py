@@ -2,7 +2,8 @@
 Each tab reads its inputs, makes the `ldm.pipelines` task the matching script makes from the same settings (the
 field labels name the script flags, and so do the messages) and returns its results to `WebUI.run`.
 
-A new task (depth-to-image, say) is one more entry: a pipeline with `supports(model)` and a builder here.
+A new task is one more entry: a pipeline with `supports(model)` and a builder here (depth-to-image, image
+variations and layout / label map to image are such entries).
 """
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ import gradio as gr
 from PIL import Image, ImageChops, UnidentifiedImageError
 
 from ldm import inference as inf
-from ldm.pipelines import Img2Img, Inpaint, Progress, Samples, SuperRes, Txt2Img, inpaint_input
+from ldm.pipelines import (
+    Depth2Img,
+    ImageVariations,
+    Img2Img,
+    Inpaint,
+    MapToImage,
+    Progress,
+    Samples,
+    SuperRes,
+    Txt2Img,
+    inpaint_input,
+)
 from ldm.sampling.schedule import SPACINGS
 
 if TYPE_CHECKING:
@@ -179,6 +191,16 @@ def sampler_inputs(name: str) -> tuple[gr.Dropdown, gr.Dropdown, gr.Slider]:
     return sampler, spacing, rescale
 
 
+def sampler_settings(ui: WebUI, sampler: str, spacing: str | None, rescale: float, steps: float, scale: float,
+                     eta: float, negative: str) -> dict[str, Any]:
+    """A `SampledTask`'s settings from the page's values: the sampler, its spacing (none for the default), the
+    guidance rescale and eta as txt2img.py's --ddim_eta (0 leaves an ancestral sampler its own)."""
+    options = settings(ui, steps, scale, eta, negative)
+    options["eta"] = inf.resolve_eta(sampler, None, options["eta"])
+    return dict(options, sampler=sampler, spacing=None if spacing in (None, "", DEFAULT_SPACING) else spacing,
+                guidance_rescale=float(rescale or 0.0))
+
+
 def build_txt2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
     """Prompt, negative prompt, sampler, schedule, guidance rescale, steps, scale, eta, size, seed, batch."""
     with gr.Row():
@@ -198,11 +220,8 @@ def build_txt2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Ga
         def body(loaded: Loaded, report: Progress) -> list[Samples]:
             inf.check_prompt(prompt, alternative="")
             first = pick_seed(seed)
-            options = settings(ui, steps, scale, eta, negative)
-            options["eta"] = inf.resolve_eta(sampler, None, options["eta"])  # as txt2img.py's --ddim_eta
-            job = Txt2Img(loaded.model, loaded.ckpt, sampler=sampler, height=as_int(height), width=as_int(width),
-                          spacing=None if spacing in (None, "", DEFAULT_SPACING) else spacing,
-                          guidance_rescale=float(rescale or 0.0), **options)
+            job = Txt2Img(loaded.model, loaded.ckpt, height=as_int(height), width=as_int(width),
+                          **sampler_settings(ui, sampler, spacing, rescale, steps, scale, eta, negative))
             inf.seed_everything(first)
             return [job([prompt] * int(batch), inf.sample_seeds(first, int(batch)), report)]
 
@@ -328,9 +347,114 @@ def build_superres(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.G
     return TabParts()
 
 
+# ----------------------------------------------------------------------------------------- depth-to-image
+def build_depth2img(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """Init image, optional depth image (else MiDaS' estimate), prompt, strength, steps, scale, eta, seed, batch."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input("Image", "--init-img", f"{tab.name}-image")
+            depth = image_input("Depth instead of MiDaS' estimate: brighter = nearer", "--depth-img",
+                                f"{tab.name}-depth")
+            prompt, negative = prompt_inputs(tab.name, required=True)
+            strength = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Strength (--strength)",
+                                 elem_id=f"{tab.name}-strength")
+            steps, scale, eta, seed, batch = sampling_inputs(tab.name, scale=9.0)
+        out = output_column(tab.name)
+
+    def depth2img(image: str | None, depth: str | None, prompt: str, negative: str, strength: float, steps: float,
+                  scale: float, eta: float, seed: float, batch: float, history: list, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            inf.check_prompt(prompt, alternative="")
+            first = pick_seed(seed)
+            job = Depth2Img(loaded.model, loaded.ckpt, image=read(image, "--init-img"), image_path=image,
+                            depth_image=read(depth, "--depth-img", mode="L") if depth else None, depth_path=depth,
+                            strength=float(strength), **settings(ui, steps, scale, eta, negative))
+            inf.seed_everything(first)
+            return [job([prompt] * int(batch), inf.sample_seeds(first, int(batch)), report)]
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, depth2img, [image, depth, prompt, negative, strength, steps, scale, eta, seed, batch], out,
+         history, history_gallery)
+    return TabParts()
+
+
+# ----------------------------------------------------------------------------------------- image variations
+def build_variations(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """Init image, prompt (may be empty), noise level, steps, scale, eta, seed, batch."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input("Image", "--init-img", f"{tab.name}-image")
+            prompt, negative = prompt_inputs(tab.name, required=False)
+            noise_level = gr.Number(value=0, precision=0, label="Noise level of the image embedding (--noise_level)",
+                                    elem_id=f"{tab.name}-noise-level")
+            steps, scale, eta, seed, batch = sampling_inputs(tab.name, scale=10.0)
+        out = output_column(tab.name)
+
+    def variations(image: str | None, prompt: str, negative: str, noise_level: float, steps: float, scale: float,
+                   eta: float, seed: float, batch: float, history: list, request: gr.Request,
+                   progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            first = pick_seed(seed)
+            job = ImageVariations(loaded.model, loaded.ckpt, image=read(image, "--init-img"), image_path=image,
+                                  noise_level=as_int(noise_level), **settings(ui, steps, scale, eta, negative))
+            inf.seed_everything(first)
+            return [job([prompt or ""] * int(batch), inf.sample_seeds(first, int(batch)), report)]
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, variations, [image, prompt, negative, noise_level, steps, scale, eta, seed, batch], out, history,
+         history_gallery)
+    return TabParts()
+
+
+# ----------------------------------------------------------------------------------------- layout / label map
+def build_maps(ui: WebUI, tab: Tab, history: gr.State, history_gallery: gr.Gallery) -> TabParts:
+    """A layout file or a label map, the layout's image size, sampler, schedule, steps, eta, seed, samples per input."""
+    with gr.Row():
+        with gr.Column(scale=1):
+            layout = gr.File(label='Layout: JSON, [{"class": ..., "bbox": [x0, y0, w, h]}, ...] (--layout)',
+                             file_types=[".json"], type="filepath", elem_id=f"{tab.name}-layout")
+            segmentation = image_input("Label map: one label index per pixel", "--segmentation",
+                                       f"{tab.name}-segmentation")
+            sampler, spacing, rescale = sampler_inputs(tab.name)
+            with gr.Row():
+                height = gr.Number(value=0, precision=0, label="Height of a layout's images (--H; 0: the model's)",
+                                   elem_id=f"{tab.name}-height")
+                width = gr.Number(value=0, precision=0, label="Width (--W; 0: the model's)",
+                                  elem_id=f"{tab.name}-width")
+            steps, scale, eta, seed, batch = sampling_inputs(
+                tab.name, scale=1.0, batch_label="Samples per input (--n_samples)",
+                eta_label="Eta (--ddim_eta; 0 leaves an ancestral sampler its own, 1)")
+        out = output_column(tab.name)
+
+    def maps(layout: str | None, segmentation: str | None, sampler: str, steps: float, scale: float, eta: float,
+             height: float, width: float, seed: float, batch: float, spacing: str | None, rescale: float,
+             history: list, request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:
+        def body(loaded: Loaded, report: Progress) -> list[Samples]:
+            native = native_size(loaded.model)
+            job = MapToImage(loaded.model, loaded.ckpt, height=as_int(height) or native,
+                             width=as_int(width) or native,
+                             **sampler_settings(ui, sampler, spacing, rescale, steps, scale, eta, ""))
+            inputs = job.read_inputs(layout, [segmentation] if segmentation else None)
+            first = pick_seed(seed)
+            inf.seed_everything(first)
+            return list(job.sample_each(inputs, first, int(batch), report))
+
+        return ui.run(tab, request, progress, history, body)
+
+    wire(ui, tab, maps, [layout, segmentation, sampler, steps, scale, eta, height, width, seed, batch, spacing,
+                         rescale], out, history, history_gallery)
+    return TabParts()
+
+
 TABS: tuple[Tab, ...] = (
     Tab("txt2img", "Text to image", Txt2Img.supports, build_txt2img),
     Tab("img2img", "Image to image", Img2Img.supports, build_img2img),
     Tab("inpaint", "Inpainting", Inpaint.supports, build_inpaint),
     Tab("superres", "Super-resolution", SuperRes.supports, build_superres),
+    Tab("depth2img", "Depth to image", Depth2Img.supports, build_depth2img),
+    Tab("variations", "Image variations", ImageVariations.supports, build_variations),
+    Tab("maps", "Layout / label map to image", MapToImage.supports, build_maps),
 )

@@ -1,7 +1,7 @@
 """The originals' complete list of published configs (latent-diffusion's configs/ and models/, Stable Diffusion v1's
 v1-inference.yaml, Stable Diffusion 2's configs/ incl. intel/*, v2-midas, unCLIP and karlo/*): 47 paths. Each one
-either ships at its original relative path, names the original's targets (apart from the rewrites listed here) and
-builds its model with today's classes, or is listed in PENDING with the classes it still needs.
+ships at its original relative path and either names the original's targets (apart from the rewrites listed here) and
+builds its model with today's classes, or (karlo/*, which have no targets) holds the original's keys and values.
 
 Models are built with their networks on the meta device (UNet, autoencoders, encoders: shapes only), the LightningModule
 around them for real, so even the 1.4B-parameter configs cost a second; frozen pretrained encoders come from tiny local
@@ -75,13 +75,38 @@ ORIGINAL_TARGETS = {
 }
 assert len(ORIGINAL_TARGETS) == 47
 
-# published configs that ship but are not built here, and why
-PENDING = {
-    "configs/karlo/decoder_900M_vit_l.yaml": "no targets: read by SD 2's Karlo prior pipeline (unCLIP), not built here",
-    "configs/karlo/improved_sr_64_256_1.4B.yaml": "no targets: read by SD 2's Karlo prior pipeline, not built here",
-    "configs/karlo/prior_1B_vit_l.yaml": "no targets: read by SD 2's Karlo prior pipeline, not built here",
+# Karlo's configs have no targets (SD 2's Karlo prior pipeline reads them; not supported here): they ship as the
+# original's data, every key with the original's value (node path -> value)
+KARLO = {
+    "configs/karlo/decoder_900M_vit_l.yaml": {
+        "model.type": "t2i-decoder", "model.diffusion_sampler": "uniform", "model.hparams.image_size": 64,
+        "model.hparams.num_channels": 320, "model.hparams.num_res_blocks": 3, "model.hparams.channel_mult": "",
+        "model.hparams.attention_resolutions": "32,16,8", "model.hparams.num_heads": -1,
+        "model.hparams.num_head_channels": 64, "model.hparams.num_heads_upsample": -1,
+        "model.hparams.use_scale_shift_norm": True, "model.hparams.dropout": 0.1, "model.hparams.clip_dim": 768,
+        "model.hparams.clip_emb_mult": 4, "model.hparams.text_ctx": 77, "model.hparams.xf_width": 1536,
+        "model.hparams.xf_layers": 0, "model.hparams.xf_heads": 0, "model.hparams.xf_final_ln": False,
+        "model.hparams.resblock_updown": True, "model.hparams.learn_sigma": True, "model.hparams.text_drop": 0.3,
+        "model.hparams.clip_emb_type": "image", "model.hparams.clip_emb_drop": 0.1, "model.hparams.use_plm": True,
+        "diffusion.steps": 1000, "diffusion.learn_sigma": True, "diffusion.sigma_small": False,
+        "diffusion.noise_schedule": "squaredcos_cap_v2", "diffusion.use_kl": False, "diffusion.predict_xstart": False,
+        "diffusion.rescale_learned_sigmas": True, "diffusion.timestep_respacing": ""},
+    "configs/karlo/improved_sr_64_256_1.4B.yaml": {
+        "model.type": "improved_sr_64_256", "model.diffusion_sampler": "uniform", "model.hparams.channels": 320,
+        "model.hparams.depth": 3, "model.hparams.channels_multiple": [1, 2, 3, 4], "model.hparams.dropout": 0.0,
+        "diffusion.steps": 1000, "diffusion.learn_sigma": False, "diffusion.sigma_small": True,
+        "diffusion.noise_schedule": "squaredcos_cap_v2", "diffusion.use_kl": False, "diffusion.predict_xstart": False,
+        "diffusion.rescale_learned_sigmas": True, "diffusion.timestep_respacing": "7",
+        "sampling.timestep_respacing": "7", "sampling.clip_denoise": True},
+    "configs/karlo/prior_1B_vit_l.yaml": {
+        "model.type": "prior", "model.diffusion_sampler": "uniform", "model.hparams.text_ctx": 77,
+        "model.hparams.xf_width": 2048, "model.hparams.xf_layers": 20, "model.hparams.xf_heads": 32,
+        "model.hparams.xf_final_ln": True, "model.hparams.text_drop": 0.2, "model.hparams.clip_dim": 768,
+        "diffusion.steps": 1000, "diffusion.learn_sigma": False, "diffusion.sigma_small": True,
+        "diffusion.noise_schedule": "squaredcos_cap_v2", "diffusion.use_kl": False, "diffusion.predict_xstart": True,
+        "diffusion.rescale_learned_sigmas": False, "diffusion.timestep_respacing": ""},
 }
-SHIPPED = sorted(set(ORIGINAL_TARGETS) - set(PENDING))
+SHIPPED = sorted(set(ORIGINAL_TARGETS) - set(KARLO))  # and built below
 
 # targets we name differently on purpose: the original pointed into taming-transformers
 VQ_LOSS = ("taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "ldm.modules.losses.VQLPIPSWithDiscriminator")
@@ -114,12 +139,30 @@ def targets_of(node, where: str = "") -> dict[str, str]:
     return found
 
 
-def test_every_published_config_ships_or_is_pending_with_a_reason():
-    missing = [p for p in SHIPPED if not (REPO / p).is_file()]
+def test_every_published_config_ships():
+    missing = [p for p in ORIGINAL_TARGETS if not (REPO / p).is_file()]
     assert not missing, missing
-    # a pending config that appears must move to SHIPPED (and be built below)
-    assert not [p for p in PENDING if (REPO / p).exists()]
-    assert len(SHIPPED) == 44 and len(PENDING) == 3
+    assert len(SHIPPED) == 44 and len(KARLO) == 3
+
+
+def leaves(node, where: str = "") -> dict[str, object]:
+    """node path -> value, for every leaf of a mapping config (lists are leaves)."""
+    if not OmegaConf.is_dict(node):
+        return {where: OmegaConf.to_container(node) if OmegaConf.is_list(node) else node}
+    found = {}
+    for key, value in node.items():
+        found |= leaves(value, f"{where}.{key}" if where else str(key))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(KARLO))
+def test_karlo_configs_are_the_originals_data(path):
+    """No model to build: the file holds exactly the original's keys and values (and, as the original, no target)."""
+    cfg = load(path)
+    assert targets_of(cfg) == ORIGINAL_TARGETS[path] == {}
+    values = leaves(cfg)
+    assert values == KARLO[path]
+    assert [type(v) for v in values.values()] == [type(v) for v in KARLO[path].values()]  # '7' stays a string
 
 
 def test_first_stage_configs_live_at_both_paths():
@@ -253,3 +296,24 @@ def test_shipped_data_sections_pass_parameters_their_readers_accept(path):
         passed = set(node.get("params") or {})
         unknown = passed - accepted_keywords(get_obj_from_str(node.target))
         assert not unknown, (node.target, sorted(unknown))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "lightning" in load(p)])
+def test_shipped_lightning_sections_are_what_main_reads(path, main_module, tmp_path):
+    """main.py's own code takes each published `lightning:` section: its keys, Trainer options and callbacks (the
+    ImageLogger parameters the originals pass: enable_autocast, log_first_step, log_images_kwargs, ...)."""
+    from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger
+    from ldm.training.config import LIGHTNING_KEYS, RunDir, trainer_options
+    from ldm.training.trainer import build_callbacks
+
+    lightning = load(path).lightning
+    assert set(lightning) <= set(LIGHTNING_KEYS)
+    options = trainer_options(lightning.get("trainer"), {})
+    run = RunDir(logdir=str(tmp_path / "run"), now="now")
+    callbacks = build_callbacks(lightning, run, torch.nn.Identity(), OmegaConf.create(), options,
+                                EmergencyCheckpoint(str(tmp_path / "last.ckpt")))
+    image_params = OmegaConf.select(lightning, "callbacks.image_logger.params") or {}
+    (image_logger,) = [c for c in callbacks if isinstance(c, ImageLogger)]
+    assert image_logger.batch_freq == image_params.get("batch_frequency", 750)
+    assert image_logger.log_images_kwargs == dict(image_params.get("log_images_kwargs") or {})
+    assert image_logger.enable_autocast == image_params.get("enable_autocast")

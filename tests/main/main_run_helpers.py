@@ -6,7 +6,7 @@ import os
 import time
 
 import numpy as np
-from lightning.pytorch.callbacks import Callback
+from pytorch_lightning.callbacks import Callback
 from torch.utils.data import Dataset
 
 
@@ -32,6 +32,11 @@ def state_hash(module):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def class_names(objects):
+    """module.Class of each object (which Lightning namespace a callback or logger came from)."""
+    return [f"{type(o).__module__}.{type(o).__qualname__}" for o in objects]
 
 
 def write_json(path, payload):
@@ -72,7 +77,10 @@ class Recorder(Callback):
 
     def on_train_end(self, trainer, pl_module):
         write_json(self._path(trainer, "end"), {"global_step": trainer.global_step, "hash": state_hash(pl_module),
-                                                "learning_rate": pl_module.learning_rate})
+                                                "learning_rate": pl_module.learning_rate,
+                                                "checkpoint_callbacks": class_names(trainer.checkpoint_callbacks),
+                                                "loggers": class_names(trainer.loggers),
+                                                "callbacks": class_names(trainer.callbacks)})
 
 
 class Boom(Callback):

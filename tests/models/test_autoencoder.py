@@ -6,7 +6,7 @@ import logging
 import sys
 import types
 
-import lightning as L
+import pytorch_lightning as pl
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -227,7 +227,7 @@ def test_adam_betas_reach_both_optimizers_and_are_checked():
 # ---------------------------------------------------------------------------------------------
 # training with Lightning
 # ---------------------------------------------------------------------------------------------
-class Recorder(L.Callback):
+class Recorder(pl.Callback):
     """Per batch: the logged train/ metrics and whether the discriminator's weights moved."""
 
     def __init__(self) -> None:
@@ -256,10 +256,10 @@ class HalveAfter:
         return 1.0 if n < self.steps else 0.5
 
 
-def fit(model, steps: int, **trainer_kwargs) -> tuple[L.Trainer, Recorder, DataLoader]:
+def fit(model, steps: int, **trainer_kwargs) -> tuple[pl.Trainer, Recorder, DataLoader]:
     model.learning_rate = 1e-3
     recorder = Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], **trainer_kwargs)
     loader = DataLoader(patterns(BATCH), batch_size=BATCH)  # the loss must fall within a few dozen steps
     trainer.fit(model, loader)
@@ -368,11 +368,11 @@ def record_gradients(model) -> list[list[torch.Tensor]]:
     return seen
 
 
-def train_on(model, batch_size: int, n_images: int, steps: int, seed: int = 0) -> L.Trainer:
+def train_on(model, batch_size: int, n_images: int, steps: int, seed: int = 0) -> pl.Trainer:
     """Fit on `n_images` fixed images in order, in float64 (Adam's first steps are lr * g / (|g| + eps): in float32 the
     rounding noise of gradients that are zero in exact arithmetic, e.g. of attention key biases, would move weights by
     up to lr / 100); the KL posterior noise is drawn from a seeded global generator."""
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         precision="64-true")
     torch.manual_seed(seed)
@@ -420,7 +420,7 @@ def test_accumulating_differs_from_stepping_every_batch():
 
 def test_accumulation_steps_at_the_last_batch_of_an_epoch_and_is_validated():
     model = accumulation_model("vq", 100, 2)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, DataLoader(patterns(3, size=8), batch_size=1))
     assert trainer.global_step == 2  # batches 1+2, then batch 3 alone at the end of the epoch

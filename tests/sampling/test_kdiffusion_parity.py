@@ -14,7 +14,7 @@ from ldm.sampling import SAMPLERS, Denoiser, NoiseSchedule
 from ldm.sampling.denoiser import model_denoiser
 from ldm.sampling.schedule import spacing
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # the test-only reference (setup.py test extra): missing, the suite fails
 
 T = 1000
 TOL = 1e-5

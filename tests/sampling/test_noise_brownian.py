@@ -9,7 +9,7 @@ import torch
 
 from ldm.sampling.noise import BrownianTreeNoise, GlobalNoise, SeededNoise, brownian_noise
 
-pytest.importorskip("torchsde")
+import torchsde  # noqa: F401 - BrownianTreeNoise needs it (test extra)
 
 SIGMAS = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.4, 0.1, 0.03, 0.0])
 LEVELS = SIGMAS.tolist()

@@ -130,7 +130,8 @@ def test_the_sampler_classes_take_a_spacing() -> None:
     torch.testing.assert_close(sampler.ddim_alphas, model.schedule.buffers()["alphas_cumprod"][sampler.ddim_timesteps])
     assert sampler.ddim_alphas_prev[0] == 1.0  # final "zero": diffusers' set_alpha_to_one
     karras = DPMSolverSampler(model, spacing="karras")
-    out, inter = karras.sample(6, 2, SHAPE, verbose=False, x_T=torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    x_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    out, inter = karras.sample(6, 2, SHAPE, verbose=False, x_T=x_T)
     assert inter is None and model.seen[-6:] != sorted(model.seen[-6:]) and not float(model.seen[-1]).is_integer()
 
 
@@ -164,7 +165,8 @@ def test_log_images_draws_with_the_registry_sampler() -> None:
     Sampler.run = spy
     try:
         torch.manual_seed(1)
-        log = model.log_images(batch, N=2, sampler="euler_ancestral", ddim_steps=4, inpaint=False, plot_progressive_rows=False, plot_diffusion_rows=False)
+        log = model.log_images(batch, N=2, sampler="euler_ancestral", ddim_steps=4, inpaint=False,
+                               plot_progressive_rows=False, plot_diffusion_rows=False)
         assert log["samples"].shape == (2, 3, 16, 16) and bool(torch.isfinite(log["samples"]).all())
         model.log_images(batch, N=2, ddim_steps=4, inpaint=False, plot_progressive_rows=False,
                          plot_diffusion_rows=False)

@@ -207,7 +207,8 @@ def test_the_denoiser_feeds_each_process_its_time_and_scale() -> None:
     Denoiser(fn, FLOW, "flow")(x, math.inf)
     assert torch.equal(seen["in"], x) and seen["t"].tolist() == [1000, 1000]  # pure noise, held as x_T
     out = Denoiser(fn, EDM, "edm")(x, 2.0)
-    torch.testing.assert_close(seen["in"], x / math.sqrt(4.25)) and torch.testing.assert_close(seen["t"], torch.full((2,), math.log(2) / 4))
+    torch.testing.assert_close(seen["in"], x / math.sqrt(4.25))
+    torch.testing.assert_close(seen["t"], torch.full((2,), math.log(2) / 4))
     torch.testing.assert_close(out, x * 0.25 / 4.25)  # c_skip x when the network outputs 0
     with pytest.raises(ValueError, match="eps-prediction model cannot denoise pure noise"):
         Denoiser(fn, VP_ZSNR, "eps")(x, math.inf)

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 from ldm.data.shapes import ShapesTrain
 from ldm.util import instantiate_from_config
 
+sys.path.insert(0, str(Path(__file__).parent))  # task_runs, the task tests' helpers
+
 REPO = Path(__file__).resolve().parents[2]
 NOW = "2024-01-01T00-00-00"
 TRAIN_STEPS = 3
@@ -42,7 +44,8 @@ def unet(in_channels=4, context_dim=None):
 
 
 def model_config(kind):
-    """A tiny LatentDiffusion: `text` (captions, cross-attention), `class` (3 labels), `uncond`, `concat` (an
+    """A tiny LatentDiffusion: `text` (captions, cross-attention), `class` (3 labels), `cin` (3 labels + the null
+    class), `uncond`, `concat` (an
     SR model conditioned on a 4x4 low-resolution image, concatenated to the latent), `inpaint`
     (LatentInpaintDiffusion), `upscale` (LatentUpscaleDiffusion) or `ldm-inpaint`."""
     params = {"linear_start": 0.0015, "linear_end": 0.0155, "timesteps": 1000, "first_stage_key": "image",
@@ -57,6 +60,12 @@ def model_config(kind):
                       unet_config=unet(context_dim=32),
                       cond_stage_config={"target": "ldm.modules.encoders.modules.ClassEmbedder",
                                          "params": {"embed_dim": 32, "n_classes": 3, "key": "class_label"}})
+    elif kind == "cin":  # cin256-v2 in small: 3 classes and the null class 3, dropped to in training
+        params.update(cond_stage_key="class_label", cond_stage_trainable=True, conditioning_key="crossattn",
+                      unet_config=unet(context_dim=32),
+                      cond_stage_config={"target": "ldm.modules.encoders.modules.ClassEmbedder",
+                                         "params": {"embed_dim": 32, "n_classes": 4, "key": "class_label",
+                                                    "ucg_rate": 0.1}})
     elif kind == "uncond":  # 100 timesteps: ancestral sampling runs through all of them
         params.update(cond_stage_config="__is_unconditional__", unet_config=unet(), timesteps=100)
     elif kind == "concat":

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import pytest
 import torch
 from omegaconf import OmegaConf

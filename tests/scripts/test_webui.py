@@ -18,7 +18,6 @@ from PIL import Image
 from ldm import inference as inf
 from ldm.data.shapes import ShapesValidation
 
-gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 

@@ -4,8 +4,8 @@ import csv
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.trainer.states import TrainerFn
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from ldm.training import clock as clock_module
 from ldm.training.clock import TRAIN_SECONDS, TrainClock, paused
@@ -136,7 +136,7 @@ def test_train_clock_excludes_validation_and_paused_sections_and_resumes_from_a_
 
 
 def test_every_run_gets_the_csv_logger_beside_its_first_logger(tmp_path):
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
     from omegaconf import OmegaConf
 
     from ldm.training.config import RunDir, UsageError
@@ -150,11 +150,11 @@ def test_every_run_gets_the_csv_logger_beside_its_first_logger(tmp_path):
     assert tuned[1]._flush_logs_every_n_steps == 7 and tuned[1].log_dir == default[1].log_dir
     assert [type(x) for x in build_loggers(OmegaConf.create({"csv_logger": None}), run)] == [TensorBoardLogger]
     # another first logger keeps the CSV beside it; one that already writes <logdir>/csv is not doubled
-    other = build_loggers(OmegaConf.create({"logger": {"target": "lightning.pytorch.loggers.CSVLogger",
+    other = build_loggers(OmegaConf.create({"logger": {"target": "pytorch_lightning.loggers.CSVLogger",
                                                        "params": {"name": "mine"}}}), run)
     assert [type(x) for x in other] == [CSVLogger, AppendingCSVLogger]
     assert other[0].save_dir == run.logdir  # the run directory is given to the user's logger
-    same = build_loggers(OmegaConf.create({"logger": {"target": "lightning.pytorch.loggers.CSVLogger",
+    same = build_loggers(OmegaConf.create({"logger": {"target": "pytorch_lightning.loggers.CSVLogger",
                                                       "params": {"name": "", "version": "csv"}}}), run)
     assert [type(x) for x in same] == [CSVLogger]
     with pytest.raises(UsageError, match="lightning.csv_logger: expected a target/params mapping or null"):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.models.diffusion.sampler import (  # noqa: F401  (check_conditioning_batch, noise_source: original helpers)
+from ldm.models.diffusion.sampler import (  # noqa: F401  (StepReporter and the checks: importable from here as before)
     Sampler,
     StepReporter,
     check_conditioning_batch,
@@ -178,14 +178,16 @@ class DDIMSampler(ScheduledSampler):
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Any = None, use_original_steps: bool = False,
-               callback: Callable | None = None) -> torch.Tensor:
-        """Denoise a latent noised with stochastic_encode(..., t_start - 1) over the first t_start steps (img2img)."""
+               callback: Callable | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+        """Denoise a latent noised with stochastic_encode(..., t_start - 1) over the first t_start steps (img2img);
+        `guidance_rescale` (not in the original) as in sample()."""
         if t_start <= 0:
             return x_latent
         levels = self._decode_levels(t_start, use_original_steps)
         samples, _ = self.run(cond, x_latent.shape, levels, x_T=x_latent, noise=GlobalNoise(x_latent.device),
                               callback=callback, scale=unconditional_guidance_scale, uncond=unconditional_conditioning,
-                              options=self.sampler_options(self.ddim_eta), desc="Decoding image")
+                              rescale=guidance_rescale, options=self.sampler_options(self.ddim_eta),
+                              desc="Decoding image")
         return samples
 
     @torch.no_grad()

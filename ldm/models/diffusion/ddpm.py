@@ -12,11 +12,10 @@ from contextlib import contextmanager
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -29,6 +28,7 @@ from ldm.modules.encoders.roles import (  # noqa: F401 - CONDITIONING_KEYS: the 
 )
 from ldm.sampling import Denoiser, check_parameterization, make_noise, training_target
 from ldm.sampling.denoiser import ModelFn, X0Fn, x0_hook
+from ldm.sampling.loss import build_diffusion_loss, check_loss_type, elementwise_loss
 from ldm.sampling.parameterization import to_prediction
 from ldm.sampling.samplers.ddpm import ddpm
 from ldm.sampling.schedule import build_schedule
@@ -45,7 +45,6 @@ from ldm.util import (  # noqa: F401 - disabled_train: the original ddpm name
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
-LOSS_TYPES = ("l1", "l2")
 
 
 def uniform_on_device(r1: float, r2: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -90,11 +89,11 @@ class DDPM(pl.LightningModule):
         reset_ema: bool = False,
         reset_num_ema_updates: bool = False,
         process_config: Any = None,
+        loss_config: Any = None,
     ):
         super().__init__()
         self.parameterization = check_parameterization(parameterization)
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type '{loss_type}' unknown; expected one of {', '.join(LOSS_TYPES)}")
+        check_loss_type(loss_type)
         logger.info("%s: running in %s-prediction mode", self.__class__.__name__, self.parameterization)
         self.cond_stage_model = None
         self._set_data_options(first_stage_key, image_size, channels, log_every_t, clip_denoised,
@@ -109,6 +108,8 @@ class DDPM(pl.LightningModule):
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
                                process_config=process_config)
         self._init_logvar(learn_logvar, logvar_init)
+        self.diffusion_loss = build_diffusion_loss(loss_config, loss_type=loss_type, l_simple_weight=l_simple_weight,
+                                                   original_elbo_weight=original_elbo_weight, learn_logvar=learn_logvar)
         self.ucg_training = dict(ucg_training or {})
         self.ucg_prng = np.random.RandomState()
         self._restore_from_checkpoint(ckpt_path, ignore_keys, load_only_unet, reset_ema, reset_num_ema_updates)
@@ -179,9 +180,12 @@ class DDPM(pl.LightningModule):
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
-        for name, value in buffers.items():
-            self.register_buffer(name, value)
+        for name, value in buffers.items():  # copies: loading a checkpoint must not write into the schedule
+            self.register_buffer(name, value.clone())
         self.register_buffer("lvlb_weights", self._lvlb_weights(buffers), persistent=False)
+        if buffers and not getattr(self, "_schedule_check_registered", False):
+            self.register_load_state_dict_post_hook(_warn_on_other_schedule)
+            self._schedule_check_registered = True
 
     def _lvlb_weights(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
         """VLB weights of the simple loss terms (Ho et al. 2020, eq. 12), as the original computes them; ones for
@@ -336,37 +340,16 @@ class DDPM(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
         """l1 or l2 distance, averaged over everything when `mean`."""
-        if self.loss_type == "l1":
-            loss = (target - pred).abs()
-            return loss.mean() if mean else loss
-        return F.mse_loss(target, pred, reduction="mean" if mean else "none")
+        return elementwise_loss(pred, target, self.loss_type, mean=mean)
 
     def p_losses(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                  cond: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss at timesteps t: simple loss (with learned log-variance) plus weighted VLB."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
-        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-        target = training_target(self.parameterization, x_start, noise, *self._alpha_sigma(t, x_start),
-                                 self.schedule.sigma_data)
-        prefix = "train" if self.training else "val"
-        loss_per_sample = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, x_start.ndim)))
-        loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
-        logvar_t = self.logvar.to(self.device)[t]
-        loss = loss_per_sample / torch.exp(logvar_t) + logvar_t
-        if self.learn_logvar:
-            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
-            loss_dict["logvar"] = self.logvar.data.mean()
-        loss = self.l_simple_weight * loss.mean()
-        loss_vlb = (self.lvlb_weights[t] * loss_per_sample).mean()
-        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
-        loss = loss + self.original_elbo_weight * loss_vlb
-        loss_dict[f"{prefix}/loss"] = loss
-        return loss, loss_dict
+        """The training loss at timesteps t and its logged terms, from the model's DiffusionLoss (loss_config)."""
+        return self.diffusion_loss(self, x_start, t, noise=noise, cond=cond)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        """Loss at uniformly drawn timesteps."""
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        """Loss at timesteps drawn by the loss's sampler (uniform by default, as the original)."""
+        t = self.diffusion_loss.sample_timesteps(x.shape[0], self.schedule, self.device)
         return self.p_losses(x, t, *args, **kwargs)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
@@ -497,6 +480,15 @@ def images_bchw(x: Any) -> torch.Tensor:
     if x.ndim == 3:
         x = x[..., None]
     return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+def _warn_on_other_schedule(module: "DDPM", incompatible_keys: Any) -> None:
+    """After a state dict is loaded: warn when its schedule buffers differ from the model's schedule, which is what
+    training and sampling use (the buffers are kept for checkpoints only)."""
+    expected = module.schedule.buffers()["alphas_cumprod"].to(module.alphas_cumprod.device)
+    if not torch.allclose(module.alphas_cumprod, expected, rtol=1e-5, atol=1e-7):
+        logger.warning("the checkpoint's alphas_cumprod differ from the schedule of the config (max difference %.3g); "
+                       "training and sampling use the config's (model.schedule): check timesteps, linear_start, "
+                       "linear_end, beta_schedule and process_config",
+                       float((module.alphas_cumprod - expected).abs().max()))
 
 
 def _fit_state_dict(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -545,7 +537,18 @@ class DiffusionWrapper(pl.LightningModule):
         if "concat" in roles:
             x = torch.cat([x, roles["concat"]], dim=1)
         inputs = {name: roles[role] for role, name in (("crossattn", "context"), ("vector", "y")) if role in roles}
+        scripted = getattr(self, "scripted_diffusion_model", None)
+        if scripted is not None:  # SD 2's --torchscript: a traced UNet takes its inputs positionally
+            return scripted(x, t, *inputs.values())
         return self.diffusion_model(x, t, **inputs)
+
+    def unet_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> list[torch.Tensor]:
+        """The UNet's positional inputs for x at t under `cond` (x with the concat channels, t, context, y): what a
+        `scripted_diffusion_model` is traced on."""
+        roles = self.roles(cond)
+        if "concat" in roles:
+            x = torch.cat([x, roles["concat"]], dim=1)
+        return [x, t] + [roles[role] for role in ("crossattn", "vector") if role in roles]
 
 
 # LatentDiffusion and the task models live in their own files to keep this one readable; they are
@@ -561,6 +564,7 @@ _REEXPORTS = {
     "LatentUpscaleFinetuneDiffusion": "ldm.models.diffusion.task_models",
     "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.unclip",
     "Layout2ImgDiffusion": "ldm.models.diffusion.layout2img",
+    "RetrievalAugmentedDiffusion": "ldm.models.diffusion.retrieval",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import DDPM, batch_images
 from ldm.models.diffusion.latent_logging import LatentImageLogging
+from ldm.models.diffusion.patchwise import PatchwiseMixin
+from ldm.modules.cached import CachedConditioning, FirstStageLatent, plain
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed, global_drop
 from ldm.modules.encoders.roles import bare_role, bare_slot, is_role_dict, take, to_legacy
@@ -28,7 +31,7 @@ TEXT_KEYS = ("caption", "coordinates_bbox", "txt")
 LABEL_KEYS = ("class_label", "cls")
 
 
-class LatentDiffusion(LatentImageLogging, DDPM):
+class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
     """The latent diffusion model of Rombach et al. 2022: first stage + conditioner + denoising UNet."""
 
     def __init__(
@@ -156,6 +159,8 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     def get_learned_conditioning(self, c: Any) -> Any:
         """Encode raw conditioning (captions, labels, images) with the cond stage."""
+        if isinstance(c, CachedConditioning):  # already the frozen cond stage's output (a latent cache)
+            return plain(c)
         if self.cond_stage_forward is None:
             if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
                 c = self.cond_stage_model.encode(c)
@@ -171,12 +176,16 @@ class LatentDiffusion(LatentImageLogging, DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """First-stage encoding of images."""
-        return self.first_stage_model.encode(x)
+        """First-stage encoding of images (a FirstStageLatent from a latent cache is passed through; patch-wise with
+        split_input_params, see `PatchwiseMixin`)."""
+        if isinstance(x, FirstStageLatent):
+            return plain(x)
+        patched = self.patchwise_encode(x, self.first_stage_model.encode)
+        return self.first_stage_model.encode(x) if patched is None else patched
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):
-        """Images from (scaled) latents."""
+        """Images from (scaled) latents (patch-wise with split_input_params, see `PatchwiseMixin`)."""
         if predict_cids:
             if z.dim() == 4:
                 z = torch.argmax(z.exp(), dim=1).long()
@@ -184,8 +193,11 @@ class LatentDiffusion(LatentImageLogging, DDPM):
             z = z.permute(0, 3, 1, 2).contiguous()
         z = 1.0 / self.scale_factor * z
         if force_not_quantize and hasattr(self.first_stage_model, "quantize"):
-            return self.first_stage_model.decode(z, force_not_quantize=True)
-        return self.first_stage_model.decode(z)
+            decode = partial(self.first_stage_model.decode, force_not_quantize=True)
+        else:
+            decode = self.first_stage_model.decode
+        patched = self.patchwise_decode(z, decode)
+        return decode(z) if patched is None else patched
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
@@ -282,9 +294,9 @@ class LatentDiffusion(LatentImageLogging, DDPM):
         return self(x, c)
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any):
-        """Loss at uniformly drawn timesteps, encoding the conditioning when the cond stage trains; the loss sees
-        the conditioning as a role dict."""
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        """Loss at timesteps drawn by the loss's sampler, encoding the conditioning when the cond stage trains; the
+        loss sees the conditioning as a role dict."""
+        t = self.diffusion_loss.sample_timesteps(x.shape[0], self.schedule, self.device)
         if self.model.conditioning_key is not None:
             if c is None:
                 raise ValueError("the model is conditional but the batch gave no conditioning")
@@ -295,11 +307,19 @@ class LatentDiffusion(LatentImageLogging, DDPM):
                 tc = self.cond_ids[t].to(self.device)
                 c = {role: self.q_sample(x_start=v, t=tc, noise=torch.randn_like(v.float())) if v.is_floating_point()
                      else v for role, v in c.items()}
-        return self.p_losses(x, t, cond=c, *args, **kwargs)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """The training loss of conditioned latents at timesteps t (the original argument order)."""
+        return super().p_losses(x_start, t, noise=noise, cond=cond)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False):
         """The network output; cond is a role dict or an original form (a tensor, a list, or a dict of c_concat /
-        c_crossattn / c_adm), mapped onto the UNet by the DiffusionWrapper."""
+        c_crossattn / c_adm), mapped onto the UNet by the DiffusionWrapper; patch by patch with split_input_params."""
+        if getattr(self, "split_input_params", None) is not None:
+            if return_ids:
+                raise ValueError("apply_model: return_ids is not supported with split_input_params")
+            return self.patchwise_apply_model(x_noisy, t, cond)
         x_recon = self.model(x_noisy, t, cond=cond)
         if isinstance(x_recon, tuple) and not return_ids:
             return x_recon[0]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion.image_logging import log_txt_as_img, rows_to_grid
+from ldm.modules.cached import FirstStageLatent
 from ldm.modules.encoders.roles import take
 
 
@@ -48,7 +49,7 @@ class LatentImageLogging:
             return log
         if hasattr(self.cond_stage_model, "decode") and _is_image(c):
             log["conditioning"] = self.cond_stage_model.decode(c)
-        elif self.cond_stage_key in ("caption", "txt"):
+        elif self.cond_stage_key in ("caption", "txt") and isinstance(batch[self.cond_stage_key], (list, tuple)):
             log["conditioning"] = log_txt_as_img(size, batch[self.cond_stage_key], size=max(size[0] // 25, 8))
         elif self.cond_stage_key in ("class_label", "cls") and "human_label" in batch:
             log["conditioning"] = log_txt_as_img(size, batch["human_label"], size=max(size[0] // 25, 8))
@@ -91,7 +92,8 @@ class LatentImageLogging:
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
         N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
-        log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
+        inputs = xrec if isinstance(x, FirstStageLatent) else x  # a latent cache has no images to show
+        log: dict[str, torch.Tensor] = {"inputs": inputs, "reconstruction": xrec}
         log.update(self._conditioning_images(batch, c, xc, (x.shape[2], x.shape[3])))
         if plot_diffusion_rows:
             log["diffusion_row"] = rows_to_grid([self.decode_first_stage(z_t) for z_t in self._diffusion_row(z[:n_row])])

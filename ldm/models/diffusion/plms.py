@@ -15,7 +15,8 @@ class PLMSSampler(ScheduledSampler):
     """Pseudo linear multistep sampling (Liu et al. 2022, PNDM) on the DDIM timesteps; eta must be 0.
 
     `sample(...)` takes the arguments of DDIMSampler.sample, `seeds` included (they fix x_T and the inpainting
-    noise per sample); temperature and noise_dropout have no effect, as in the original.
+    noise per sample); temperature and noise_dropout do not change the result, as in the original (whose zero noise
+    still goes through F.dropout: on the global generator its mask is drawn all the same, so the next draws agree).
     """
 
     name, title = "plms", "PLMS"

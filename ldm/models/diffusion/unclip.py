@@ -58,16 +58,17 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         return freeze_module(augmentor)
 
     @torch.no_grad()
-    def image_embedding(self, images: torch.Tensor, noise_level: torch.Tensor | int | None = None) -> torch.Tensor:
+    def image_embedding(self, images: torch.Tensor, noise_level: torch.Tensor | int | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's vector input for [-1, 1] images [B, 3, H, W]: the embedder's output, noise-augmented to
-        `noise_level` (drawn at random when None, as in training) and joined with the level's embedding
-        [B, D + timestep_dim] (with a noise_aug_config; else the embedding itself)."""
+        `noise_level` (drawn at random when None, as in training) with `noise` (drawn when None) and joined with the
+        level's embedding [B, D + timestep_dim] (with a noise_aug_config; else the embedding itself)."""
         c_adm = self.embedder(images.to(self.device))
         if self.noise_augmentor is None:
             return c_adm
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, device=self.device).long().expand(c_adm.shape[0])
-        c_adm, level_emb = self.noise_augmentor(c_adm, noise_level=noise_level)
+        c_adm, level_emb = self.noise_augmentor(c_adm, noise_level=noise_level, noise=noise)
         return torch.cat((c_adm, level_emb), 1)
 
     def task_embedders(self, latent_size: Sequence[int]) -> list[tuple[EmbedderSpec, Callable[..., Any]]]:

@@ -38,7 +38,7 @@ class AbstractLowScaleModel(nn.Module):
         self.linear_start, self.linear_end = linear_start, linear_end
         buffers = self.schedule.buffers()
         for name in _BUFFERS:
-            self.register_buffer(name, buffers[name])
+            self.register_buffer(name, buffers[name].clone())  # a copy: loading must not write into the schedule
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_start noised to levels t: sqrt(a_t) x + sqrt(1 - a_t) noise (Ho et al. 2020, eq. 4)."""

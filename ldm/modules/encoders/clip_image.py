@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EMBEDDER_VERSION_KEY = "embedder_config.params.version"
 
 
-def _openclip_config(arch: str, owner: str) -> dict[str, Any]:
-    """open_clip's model config of `arch`, or one error naming the known ones."""
+def _openclip_config(arch: str | Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """open_clip's model config of `arch` (a name, or the config itself as a mapping: embed_dim, vision_cfg,
+    text_cfg), or one error naming the known ones."""
     import open_clip
 
+    if isinstance(arch, Mapping):
+        return {key: dict(value) if isinstance(value, Mapping) else value for key, value in arch.items()}
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ConfigError(f"{owner}: arch '{arch}' is not an open_clip model config (e.g. "

@@ -6,8 +6,8 @@ A sequence holds `no_max_objects` triples (object representation, top-left token
 the 'none' token `no_tokens - 1`, then (with `encode_crop`) the crop's two corner tokens. A point (x, y) in
 [0, 1]^2 is the token y_i * s + x_i on an s x s grid, s = floor(sqrt(no_tokens)) (90 for 8192 tokens), x_i and y_i
 rounded to the grid. An object's representation is category_no + no_object_classes * flags (1 group-of,
-2 occluded, 4 depiction, 8 inside). `ldm.data.openimages` writes such sequences; this module reads them
-(`inverse_build`) and draws them (`plot`), for `Layout2ImgDiffusion.log_images`.
+2 occluded, 4 depiction, 8 inside). `build` writes such sequences (the layouts of `ldm.data.shapes.ShapesScenes`),
+`inverse_build` reads them back and `plot` draws them, for `Layout2ImgDiffusion.log_images`.
 """
 from __future__ import annotations
 
@@ -90,6 +90,43 @@ class BoundingBoxLayout:
                             is_group_of=bool(modifier & 1) and self.use_group_parameter,
                             is_occluded=bool(modifier & 2) and extra, is_depiction=bool(modifier & 4) and extra,
                             is_inside=bool(modifier & 8) and extra)
+
+    def token_from_coordinates(self, x: float, y: float) -> int:
+        """The coordinate token of a point (x, y) in [0, 1]^2: the nearest grid point, row-major."""
+        last = self.no_sections - 1
+        x_i, y_i = (min(max(int(round(v * last)), 0), last) for v in (x, y))
+        return y_i * self.no_sections + x_i
+
+    def annotation_to_representation(self, obj: LayoutObject) -> int:
+        """An object's token: its class number plus no_object_classes times its flags (1 g, 2 o, 4 d, 8 i)."""
+        if not 0 <= obj.category_no < self.no_object_classes:
+            raise ValueError(f"category_no {obj.category_no} outside [0, {self.no_object_classes})")
+        modifier = int(obj.is_group_of and self.use_group_parameter)
+        if self.use_additional_parameters:
+            modifier |= 2 * obj.is_occluded | 4 * obj.is_depiction | 8 * obj.is_inside
+        representation = obj.category_no + self.no_object_classes * modifier
+        if representation >= self.none:
+            raise ValueError(f"object token {representation} collides with the 'none' token {self.none}; "
+                             "no_tokens is too small for these classes and flags")
+        return representation
+
+    def build(self, objects: Sequence[tuple[LayoutObject | int, BoundingBox]],
+              crop: BoundingBox = (0.0, 0.0, 1.0, 1.0)) -> torch.Tensor:
+        """The token sequence (long [embedding_dim]) of objects [(object or class number, (x0, y0, w, h)), ...]
+        in [0, 1] image coordinates: a triple per object in the given order, 'none' padding, the crop corners (the
+        writing side of taming's ObjectsBoundingBoxConditionalBuilder, without its cropping and shuffling)."""
+        if len(objects) > self.no_max_objects:
+            raise ValueError(f"{len(objects)} objects; this builder holds at most {self.no_max_objects}")
+        tokens: list[int] = []
+        for obj, (x0, y0, w, h) in objects:
+            obj = obj if isinstance(obj, LayoutObject) else LayoutObject(int(obj))
+            tokens += [self.annotation_to_representation(obj), self.token_from_coordinates(x0, y0),
+                       self.token_from_coordinates(x0 + w, y0 + h)]
+        tokens += [self.none] * (3 * (self.no_max_objects - len(objects)))
+        if self.encode_crop:
+            tokens += [self.token_from_coordinates(crop[0], crop[1]),
+                       self.token_from_coordinates(crop[0] + crop[2], crop[1] + crop[3])]
+        return torch.tensor(tokens, dtype=torch.long)
 
     def inverse_build(self, conditional: torch.Tensor | Sequence[int]
                       ) -> tuple[list[tuple[LayoutObject, BoundingBox]], BoundingBox | None]:

@@ -51,12 +51,15 @@ class IdentityEncoder(AbstractEncoder):
 class ClassEmbedder(nn.Module):
     """Embeds integer class labels as a one-token sequence [B, 1, embed_dim] for cross-attention.
 
-    In training mode each label is replaced by the null class `n_classes - 1` with probability
-    `ucg_rate`, which trains the unconditional model for classifier-free guidance
-    (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1).
+    In training mode each label is replaced by the null class `n_classes - 1` with probability `ucg_rate`, which
+    trains the unconditional model for classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion
+    Guidance", Alg. 1). `ucg_rate` defaults to 0: latent-diffusion's ClassEmbedder (cin*, models/ldm/cin256*) had no
+    label dropout, and its configs train here as they did there; SD 2's class has 0.1, so a config that wants
+    dropout sets it. The null class must not be a real one: with dropout on, a label n_classes - 1 in the batch is an
+    error (count the null class in n_classes, as cin256-v2's 1001 for ImageNet's 1000).
     """
 
-    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.1):
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.0):
         super().__init__()
         if not 0.0 <= ucg_rate <= 1.0:
             raise ValueError(f"ClassEmbedder: ucg_rate must lie in [0, 1], got {ucg_rate}")
@@ -84,8 +87,14 @@ class ClassEmbedder(nn.Module):
                 disable_dropout: bool = False) -> torch.Tensor:
         """Embed `batch[key]` (default `self.key`), or labels given directly (as a conditioner passes its input), to
         [B, 1, embed_dim]."""
-        labels = self._labels(batch, key or self.key)
+        key = key or self.key
+        labels = self._labels(batch, key)
         if self.training and self.ucg_rate > 0.0 and not disable_dropout:
+            null = self.n_classes - 1
+            if bool((labels == null).any()):
+                raise ValueError(f"ClassEmbedder: batch['{key}'] holds label {null}, the null class that ucg_rate "
+                                 f"{self.ucg_rate} drops labels to; a real class must not be the null class: set "
+                                 f"n_classes to the number of classes + 1 (e.g. 1001 for ImageNet) or ucg_rate: 0")
             drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate
             labels = torch.where(drop, torch.full_like(labels, self.n_classes - 1), labels)
         return self.embedding(labels[:, None])

@@ -43,7 +43,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "plms": SamplerSpec("plms.plms", False, "uniform", "min", None, "PNDMScheduler(skip_prk_steps=True)", "PLMS"),
     "ddpm": SamplerSpec("ddpm.ddpm", True, "leading", "zero", None, "DDPMScheduler", None),
     "dpmpp_2m": SamplerSpec("dpm_solver.dpmpp_2m", False, "karras", "zero", "sample_dpmpp_2m",
-                            "DPMSolverMultistepScheduler(use_karras_sigmas=True)", "DPM++ 2M Karras"),
+                            "DPMSolverMultistepScheduler", "DPM++ 2M"),
     "euler": SamplerSpec("euler.euler", False, "karras", "zero", "sample_euler", "EulerDiscreteScheduler", "Euler"),
     "euler_ancestral": SamplerSpec("euler.euler_ancestral", True, "karras", "zero", "sample_euler_ancestral",
                                    "EulerAncestralDiscreteScheduler", "Euler a"),

@@ -11,12 +11,14 @@ in the k-diffusion manner:
   (discrete VP, EDM, flow) and every parameterization;
 - `sigmas` is the explicit descending step array (`ldm.sampling.schedule.spacing`), ending at 0 for a clean sample;
 - `x` is the start latent at sigmas[0], e.g. `schedule.to_ve(x_T, sigmas[0])` for pure noise x_T ~ N(0, I) in the
-  process scale (k-diffusion starts from noise * sigmas[0] instead). When sigmas[0] is infinite (zero terminal SNR, flow at t = 1) x holds
-  the pure noise itself (x_T in the process scale), and the first step is the first-order limit of the
-  sampler's step, D + sigma_next * eps (+ fresh noise for the ancestral ones): higher orders do not exist there;
+  process scale (k-diffusion starts from noise * sigmas[0] instead). When sigmas[0] is infinite (zero terminal SNR,
+  flow at t = 1) x holds the pure noise itself (x_T in the process scale), and the first step is the first-order
+  limit of the sampler's step, D + sigma_next * eps (+ fresh noise for the ancestral ones): higher orders do not
+  exist there;
 - `noise` is where random draws come from (`SeededNoise` per sample, `GlobalNoise`, ...; default: the global
   generator on x's device); `mask`, `x0` the inpainting hook: before each step's first model evaluation the
-  known region (mask == 1) is replaced by x0 noised to the step's level (`paste_known`);
+  known region (mask == 1) is replaced by x0 noised to the step's level (`paste_known`), as the original DDIM and
+  PLMS samplers do; ancestral `ddpm` pastes after each step, as the original's LatentDiffusion.p_sample_loop;
 - `callback` receives {"i", "sigma", "sigma_next", "x", "denoised"} after step i: the level the step started
   from, the level it reached, the latent there and the step's first x0 prediction.
 """
@@ -90,6 +92,26 @@ def step_noise(noise: NoiseSource, x: torch.Tensor, sigma: float, sigma_next: fl
     if between is not None:
         return between(sigma, sigma_next, tuple(x.shape), x.dtype)
     return noise.randn(x.shape, x.dtype)
+
+
+def draws_every_step(noise: NoiseSource) -> bool:
+    """Whether the original LDM samplers (ddim, plms, ddpm) draw a step's noise at every step from this source and
+    multiply it by zero where the step adds none, as the original code does (`GlobalNoise`: the global generator's
+    stream stays the original's); per-sample seeded sources draw only what a step adds."""
+    return bool(getattr(noise, "draws_every_step", False))
+
+
+def tempered_noise(noise: NoiseSource, x: torch.Tensor, sigma: float, sigma_next: float, temperature: float,
+                   dropout: float) -> torch.Tensor:
+    """A step's noise times `temperature`, with `dropout` of it zeroed and the rest scaled by 1 / (1 - dropout) (the
+    original DDIM/DDPM options: `torch.nn.functional.dropout(noise, p=noise_dropout)`); the mask comes from the same
+    source (`noise.dropout`: F.dropout itself for the global generator, per-sample generators for SeededNoise)."""
+    z = step_noise(noise, x, sigma, sigma_next) * temperature
+    if dropout > 0:
+        if not hasattr(noise, "dropout"):
+            raise TypeError(f"noise_dropout needs a noise source with dropout(z, p); {type(noise).__name__} has none")
+        z = noise.dropout(z, dropout)
+    return z
 
 
 def paste_known(x: torch.Tensor, sigma: float, mask: torch.Tensor | None, x0: torch.Tensor | None,

@@ -11,24 +11,14 @@ from ldm.sampling.samplers.base import (
     Sigmas,
     StepCallback,
     batch_sigma,
+    draws_every_step,
     paste_known,
     report,
     setup,
-    step_noise,
+    tempered_noise,
     to_d,
 )
 from ldm.sampling.schedule import Schedule
-
-
-def tempered_noise(noise: NoiseSource, x: torch.Tensor, sigma: float, sigma_next: float, temperature: float,
-                   dropout: float) -> torch.Tensor:
-    """A step's noise times `temperature`, with `dropout` of it zeroed (the original DDIM/DDPM options); the dropout
-    mask comes from the same source, so per-sample seeding stays batch-invariant."""
-    z = step_noise(noise, x, sigma, sigma_next) * temperature
-    if dropout > 0:
-        keep = torch.special.ndtr(noise.randn(x.shape, x.dtype)) >= dropout  # uniform from a normal draw
-        z = z * keep / (1 - dropout)
-    return z
 
 
 def ddim(
@@ -49,7 +39,8 @@ def ddim(
 
     eta=0 is the deterministic sampler (the Euler step of the probability-flow ODE); eta=1 samples ancestrally
     from the DDPM posterior of the strided process. `temperature` scales and `noise_dropout` drops the noise.
-    The original's last level is alpha_bar_0 (`spacing(..., final="min")`).
+    The original's last level is alpha_bar_0 (`spacing(..., final="min")`). From `GlobalNoise` every step draws its
+    noise (times 0 where sigma_up = 0), so the global generator's stream is the original's.
     """
     levels, noise = setup(sigmas, x, noise, mask, x0)
     if eta < 0:
@@ -62,7 +53,7 @@ def ddim(
         denoised = denoise(x, batch_sigma(sigma, x))
         down = math.sqrt(max(0.0, sigma_next**2 - up**2))
         x = denoised + down * to_d(x, sigma, denoised)
-        if up > 0:
+        if up > 0 or draws_every_step(noise):  # the original draws at eta = 0 too and multiplies by zero
             x = x + up * tempered_noise(noise, x, sigma, sigma_next, temperature, noise_dropout)
         report(callback, i, sigma, sigma_next, x, denoised)
     return x

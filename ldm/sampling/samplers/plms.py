@@ -12,10 +12,12 @@ from ldm.sampling.samplers.base import (
     Sigmas,
     StepCallback,
     batch_sigma,
+    draws_every_step,
     euler_step,
     paste_known,
     report,
     setup,
+    tempered_noise,
     to_d,
 )
 
@@ -58,6 +60,7 @@ def plms(
     sigmas: Sigmas,
     x: torch.Tensor,
     *,
+    noise_dropout: float = 0.0,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
     mask: torch.Tensor | None = None,
@@ -65,12 +68,21 @@ def plms(
 ) -> torch.Tensor:
     """Pseudo linear multistep sampling in the form of the original LDM PLMSSampler: the first step is a pseudo
     improved Euler step (one extra model evaluation), later steps combine eps with Adams-Bashforth of order 2, 3
-    and 4; the history keeps the raw eps of each step (not the combined one). Deterministic."""
+    and 4; the history keeps the raw eps of each step (not the combined one). Deterministic.
+
+    From `GlobalNoise` each step draws the noise the original draws and multiplies by its sigma_t = 0 (two draws
+    on the first step, one later; each through `noise_dropout` when set), so the global generator's stream -- the
+    inpainting noise of later steps, the next batch -- is the original's; the result does not depend on them.
+    """
     levels, noise = setup(sigmas, x, noise, mask, x0)
     history: list[torch.Tensor] = []
     for i, (sigma, sigma_next) in enumerate(zip(levels, levels[1:])):
         x = paste_known(x, sigma, mask, x0, noise)
+        first = not history
         x, denoised, e_t = plms_step(denoise, x, sigma, sigma_next, history)
+        if draws_every_step(noise):
+            for _ in range(2 if first else 1):
+                x = x + 0.0 * tempered_noise(noise, x, sigma, sigma_next, 1.0, noise_dropout)
         history = (history + [e_t])[-3:]
         report(callback, i, sigma, sigma_next, x, denoised)
     return x

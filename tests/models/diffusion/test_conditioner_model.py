@@ -1,7 +1,7 @@
 """LatentDiffusion with a GeneralConditioner cond stage: a new conditioning input (a toy embedder on a new batch
 key) added by config alone trains and reaches the UNet; the roles default from the embedders; guidance takes the
 conditioner's null; checkpoints keep cond_stage_model.embedders.* keys."""
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import pytest
 import torch
 from omegaconf import OmegaConf

@@ -187,7 +187,7 @@ def test_diffusion_wrapper_names_missing_conditioning(monkeypatch):
 
 
 def test_lightning_fit_with_scheduler_and_ema_validation():
-    import lightning.pytorch as pl
+    import pytorch_lightning as pl
 
     torch.manual_seed(0)
     sched = {"target": "ldm.lr_scheduler.LambdaLinearScheduler",

@@ -1,6 +1,8 @@
 """DDPM holds one process model (`process_config`): the VP default with its original buffers, zero-SNR, EDM, flow."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -82,3 +84,23 @@ def test_unknown_process_or_parameterization_is_a_clear_error() -> None:
         make_ddpm(process_config={"target": "torch.nn.Identity"})
     with pytest.raises(ValueError, match="parameterization 'score' unknown"):
         make_ddpm(parameterization="score")
+
+
+def test_log_images_draws_with_a_registry_sampler_on_any_process() -> None:
+    batch = {"image": torch.rand(2, 8, 8, 3) * 2 - 1}
+    for model in (make_ddpm(), make_ddpm(parameterization="flow",
+                                         process_config={"target": "ldm.sampling.schedule.FlowSchedule"})):
+        log = model.log_images(batch, N=2, sampler="heun", ddim_steps=3)
+        assert log["samples"].shape == (2, 3, 8, 8) and bool(torch.isfinite(log["samples"]).all())
+        assert log["denoise_row"].shape[0] == 3  # one grid image of the intermediates
+    assert model.schedule == FlowSchedule() and math.isinf(model.schedule.sigma_max)  # heun ran from pure noise
+
+
+def test_a_checkpoint_with_another_schedule_is_warned_about(caplog) -> None:
+    model, other = make_ddpm(), make_ddpm(linear_end=0.02)
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(make_ddpm().state_dict())
+    assert "differ from the schedule" not in caplog.text
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(other.state_dict())
+    assert "checkpoint's alphas_cumprod differ from the schedule of the config" in caplog.text

@@ -2,7 +2,7 @@
 them, a few-step CPU training loop (importable from the tests of this folder; its conftest puts it on the path)."""
 import math
 
-import lightning.pytorch as pl
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 

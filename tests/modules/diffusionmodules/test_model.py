@@ -232,7 +232,7 @@ def test_unknown_keys_are_named():
 
 
 def test_numerical_parity_with_diffusers_autoencoder_kl():
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # the test-only reference (setup.py test extra)
     ours = _randomised_tiny_autoencoder()
     theirs = diffusers.AutoencoderKL(**diffusers_vae_config(TINY, embed_dim=4)).eval()
     theirs.load_state_dict(vae_state_dict_to_diffusers(ours.state_dict()), strict=True)

@@ -1,5 +1,6 @@
 """Conditioning encoders: class embedding with CFG dropout, the x-transformers layout, BERT tokenizer/embedder."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from ldm.modules.encoders.modules import (
     train_wordpiece_tokenizer,
 )
 from ldm.modules.x_transformer import Attention, Decoder, Encoder, TransformerWrapper
+
+REPO = Path(__file__).resolve().parents[3]
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -76,6 +79,34 @@ def test_class_embedder_unconditional_is_null_class():
     assert uc["class_label"].tolist() == [4, 4, 4]
     out = emb.train()(uc)  # the null class stays the null class under dropout too
     torch.testing.assert_close(out, emb.embedding.weight[4].expand(3, 1, 8))
+
+
+@pytest.mark.parametrize("path", ["configs/latent-diffusion/cin-ldm-vq-f8.yaml", "configs/latent-diffusion/cin256-v2.yaml",
+                                  "models/ldm/cin256/config.yaml"])
+def test_published_class_configs_train_without_label_dropout(path):
+    """latent-diffusion's ClassEmbedder had no dropout: in training mode its forward is embedding(batch[key][:, None])
+    for every label, the last class included, as the published cin configs' embedder here (no ucg_rate set)."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    stage = OmegaConf.load(REPO / path).model.params.cond_stage_config
+    assert "ucg_rate" not in (stage.get("params") or {})
+    emb = instantiate_from_config(stage).train()
+    assert emb.ucg_rate == 0.0
+    labels = torch.arange(emb.n_classes).repeat(3)
+    torch.manual_seed(0)
+    out = emb({"class_label": labels})
+    torch.testing.assert_close(out, emb.embedding(labels[:, None]), atol=0, rtol=0)  # the original's forward
+
+
+def test_class_embedder_refuses_a_real_class_as_the_null_class():
+    emb = ClassEmbedder(embed_dim=4, n_classes=1000, key="class_label", ucg_rate=0.1).train()
+    with pytest.raises(ValueError, match=r"label 999, the null class.*n_classes to the number of classes \+ 1"):
+        emb({"class_label": torch.tensor([3, 999])})
+    emb.eval()  # sampling with the null class (guidance) is what it is for
+    torch.testing.assert_close(emb(emb.get_unconditional_conditioning(2))[:, 0], emb.embedding.weight[[999, 999]])
+    ClassEmbedder(embed_dim=4, n_classes=1000, ucg_rate=0.0).train()({"class": torch.tensor([999])})
 
 
 # ---------------------------------------------------------------- x-transformers layout

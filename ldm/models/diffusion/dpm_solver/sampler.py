@@ -37,12 +37,12 @@ class DPMSolverSampler(Sampler):
                           torch.zeros(1, dtype=torch.float64)])
 
     @torch.no_grad()
-    def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Any = None,
+    def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Any = None, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, None]:
         """Draw `batch_size` samples of `shape` with S solver steps; returns (samples, None) as the original.
 
         Takes the arguments of DDIMSampler.sample. The solver is deterministic: `eta`, `temperature` and
         `noise_dropout` have no effect. `seeds` (not in the original): one int per sample.
         """
-        samples, _ = super().sample(S, batch_size, shape, conditioning, **kwargs)
+        samples, _ = super().sample(S, batch_size, shape, conditioning, *args, **kwargs)
         return samples.to(self.model.device), None
