@@ -108,7 +108,7 @@ class TrainClock(Callback):
 @contextlib.contextmanager
 def paused(trainer: pl.Trainer) -> Iterator[None]:
     """Stop every TrainClock of `trainer` inside the block (e.g. around an evaluation during training)."""
-    clocks = [callback for callback in trainer.callbacks if isinstance(callback, TrainClock)]
+    clocks = [callback for callback in getattr(trainer, "callbacks", None) or () if isinstance(callback, TrainClock)]
     for clock in clocks:
         clock.pause()
     try:
