@@ -96,10 +96,11 @@ def test_guidance_and_steps_score_one_model_per_setting(experiments):
     _, out, _ = experiments
     guidance, _ = record(out, "guidance")
     assert [row["scale"] for row in guidance["rows"]] == [1.0, 3.0]
-    one, three = guidance["rows"]
-    assert one[FID] != three[FID]  # guidance changes the samples
     assert all(0 <= row[RECALL] <= 1 for row in guidance["rows"])
     steps, _ = record(out, "steps")
+    # the same model, seeds, labels and sampler (DDIM 2 steps, no guidance) draw the same samples in both experiments
+    assert guidance["rows"][0][FID] == steps["rows"][0][FID]
+    assert guidance["rows"][0][PRECISION] == steps["rows"][0][PRECISION]
     assert [(row["sampler"], row["steps"]) for row in steps["rows"]] == \
         [("ddim", 2), ("dpmpp_2m", 2), ("ddim", 4), ("dpmpp_2m", 4)]
     fids = [row[FID] for row in steps["rows"]]
