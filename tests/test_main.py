@@ -315,7 +315,7 @@ def test_resume_from_checkpoint_starts_a_new_run_from_the_training_state(tmp_pat
 def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, main_module):
     """A config written for the originals names pytorch_lightning.* callbacks and loggers; one written for the
     `lightning` package names lightning.pytorch.*. Both train with our Trainer, as the one checkpoint callback
-    (no default one beside it) and the one logger."""
+    (no default one beside it) and the user's logger (the run's CSV logger stays beside it)."""
     monkeypatch.syspath_prepend(str(HELPERS))
     monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path / "rec")
@@ -333,7 +333,9 @@ def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, m
     (run,) = run_dirs(tmp_path)
     end = read_json(tmp_path / "rec" / "rank0_end.json")
     assert end["checkpoint_callbacks"] == ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
-    assert end["loggers"] == ["pytorch_lightning.loggers.csv_logs.CSVLogger"]
+    # the user's logger, and beside it the run's csv/metrics.csv (lightning.csv_logger: null would drop it)
+    assert end["loggers"] == ["pytorch_lightning.loggers.csv_logs.CSVLogger",
+                              "ldm.training.csv_logger.AppendingCSVLogger"]
     assert "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor" in end["callbacks"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step=*.ckpt")) == ["step=000001.ckpt", "step=000002.ckpt"]
     metrics = (run / "csvrun" / "version_0" / "metrics.csv").read_text().splitlines()
