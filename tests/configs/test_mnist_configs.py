@@ -83,7 +83,7 @@ def test_config_trains_two_steps_through_main(tmp_path, monkeypatch, main_module
     logdir = tmp_path / "logs"
     status = main_module.main([
         "-b", path, "-t", "--no-test", "-l", str(logdir), "--max_steps", "2", "--limit_train_batches", "2",
-        "--limit_val_batches", "1", "data.params.batch_size=2", "data.params.num_workers=0",
+        "--limit_val_batches", "1", "--val_check_interval", "1", "data.params.batch_size=2", "data.params.num_workers=0",
         "lightning.trainer.enable_progress_bar=false", "lightning.trainer.log_every_n_steps=1",
         "lightning.trainer.max_time=null"])
     assert status == 0
