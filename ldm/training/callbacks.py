@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 
 from ldm.data.resumable import local_state_only
 from ldm.training.checkpoint_io import CheckpointWriteError
+from ldm.training.clock import paused as train_clock_paused
 from ldm.training.fault_tolerance import NonFiniteError
 from ldm.training.evaluation import EvaluationCallback  # noqa: F401 - config target ldm.training.callbacks.EvaluationCallback
 from ldm.util import atomic_path
@@ -154,8 +155,9 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-        try:  # sampling must not change the random stream training continues with
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._autocast(pl_module.device):
+        try:  # sampling must not change the random stream training continues with, nor count as training time
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._autocast(pl_module.device), \
+                    train_clock_paused(trainer):
                 images = log_images(batch, split=split, **kwargs)
         finally:
             if was_training:

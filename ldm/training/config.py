@@ -49,6 +49,7 @@ LIGHTNING_KEYS = {
     "find_unused_parameters": "DDP's find_unused_parameters (SD 2's inpainting config)",
     "nan_guard": "NaNGuard params, or null to turn it off",
     "random_state": "false turns off saving the random state in checkpoints",
+    "speed": "compile / channels_last switches (main.py --compile / --channels_last)",
 }
 
 

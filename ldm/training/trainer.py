@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ProgressBar, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.loggers.tensorboard import _TENSORBOARD_AVAILABLE
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -27,7 +28,10 @@ DEFAULT_CALLBACKS = {
                      "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
     "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                              "params": {"logging_interval": "step"}},
+    "train_clock": {"target": "ldm.training.clock.TrainClock", "params": {}},
 }
+# the second logger every run has: scalars in <logdir>/csv/metrics.csv (lightning.csv_logger: null disables it)
+CSV_LOGGER_KEY = "csv_logger"
 # the original's optional periodic checkpoints that are never deleted (enabled by naming it in lightning.callbacks)
 TRAINSTEP_CHECKPOINTS = "metrics_over_trainsteps_checkpoint"
 
@@ -66,14 +70,41 @@ def over_default(default: dict[str, Any], user: Any, portable: dict[str, Any] | 
     return user
 
 
+def csv_logger_config(run: RunDir) -> dict[str, Any]:
+    """Scalars in `<logdir>/csv/metrics.csv`, appended to when the run is resumed."""
+    return {"target": "ldm.training.csv_logger.AppendingCSVLogger",
+            "params": {"save_dir": run.logdir, "name": "", "version": "csv"}}
+
+
 def default_logger_config(run: RunDir) -> dict[str, Any]:
     """TensorBoard in `<logdir>/tensorboard`, or CSV files in `<logdir>/csv` when tensorboard is missing."""
     if _TENSORBOARD_AVAILABLE:
         return {"target": "pytorch_lightning.loggers.TensorBoardLogger",
                 "params": {"save_dir": run.logdir, "name": "", "version": "tensorboard"}}
-    logger.info("tensorboard is not installed; logging metrics to CSV files")
-    return {"target": "pytorch_lightning.loggers.CSVLogger",
-            "params": {"save_dir": run.logdir, "name": "", "version": "csv"}}
+    logger.info("tensorboard is not installed; logging metrics to CSV files only")
+    return csv_logger_config(run)
+
+
+def build_loggers(lightning_config: DictConfig, run: RunDir, project: str | None = None) -> list[Logger]:
+    """`lightning.logger` over the default (TensorBoard), then `lightning.csv_logger` over the CSV logger.
+
+    The CSV logger is left out when `lightning.csv_logger: null` or when the first logger already writes
+    the same CSV directory."""
+    cfg = over_default(default_logger_config(run), lightning_config.get("logger"),
+                       {"save_dir": run.logdir, "project": project})
+    loggers = [instantiate_from_config(cfg, path="lightning.logger")]
+    if CSV_LOGGER_KEY in lightning_config and lightning_config.get(CSV_LOGGER_KEY) is None:
+        logger.info("CSV metrics disabled by lightning.%s: null", CSV_LOGGER_KEY)
+        return loggers
+    try:
+        cfg = over_default(csv_logger_config(run), lightning_config.get(CSV_LOGGER_KEY), {"save_dir": run.logdir})
+    except UsageError as err:
+        raise UsageError(f"lightning.{CSV_LOGGER_KEY}: {err}") from err
+    csv_logger = instantiate_from_config(cfg, path=f"lightning.{CSV_LOGGER_KEY}")
+    first = loggers[0]
+    if isinstance(first, CSVLogger) and isinstance(csv_logger, CSVLogger) and first.log_dir == csv_logger.log_dir:
+        return loggers
+    return loggers + [csv_logger]
 
 
 def checkpoint_config(run: RunDir, model: Any, user: Any) -> DictConfig:
@@ -120,6 +151,19 @@ def build_callbacks(lightning_config: DictConfig, run: RunDir, model: Any, confi
     return callbacks
 
 
+SPEED_KEYS = ("compile", "channels_last")
+
+
+def speed_options(lightning_config: DictConfig, flags: dict[str, Any]) -> dict[str, bool]:
+    """The speed switches of a run (`ldm.acceleration.accelerate`): `lightning.speed.{compile,channels_last}` with
+    main.py's --compile / --channels_last over them (None: not given). Both default to off."""
+    speed = lightning_config.get("speed") or {}
+    unknown = set(speed) - set(SPEED_KEYS)
+    if unknown:
+        raise UsageError(f"lightning.speed.{sorted(unknown)[0]} is unknown; expected {', '.join(SPEED_KEYS)}")
+    return {key: bool(flags[key] if flags.get(key) is not None else speed.get(key, False)) for key in SPEED_KEYS}
+
+
 def fault_tolerance_callbacks(lightning_config: DictConfig) -> list[Callback]:
     """NaNGuard (`lightning.nan_guard`: params, or null/false to turn it off), RandomState
     (`lightning.random_state: false` turns it off), and ModuleBatchEndFirst (EMA updates before checkpoints)."""
@@ -144,9 +188,7 @@ def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: Ru
                   config: DictConfig, emergency: EmergencyCheckpoint, project: str | None = None) -> pl.Trainer:
     """The Trainer for this run, with atomic checkpoint writes (DeepSpeed writes its own checkpoints)."""
     options = dict(options)
-    logger_cfg = over_default(default_logger_config(run), lightning_config.get("logger"),
-                              {"save_dir": run.logdir, "project": project})
-    run_logger = instantiate_from_config(logger_cfg, path="lightning.logger")
+    loggers = build_loggers(lightning_config, run, project)
     callbacks = build_callbacks(lightning_config, run, model, config, options, emergency)
     strategy = options.get("strategy")
     if isinstance(strategy, dict) and "target" in strategy:  # a Strategy object from its config
@@ -163,7 +205,7 @@ def build_trainer(options: dict[str, Any], lightning_config: DictConfig, run: Ru
     if not (str(strategy).startswith("deepspeed") or isinstance(strategy, DeepSpeedStrategy)):
         plugins.append(AtomicCheckpointIO())
     try:
-        trainer = pl.Trainer(**options, logger=run_logger, callbacks=callbacks, plugins=plugins,
+        trainer = pl.Trainer(**options, logger=loggers, callbacks=callbacks, plugins=plugins,
                              default_root_dir=run.logdir)
     except (MisconfigurationException, ValueError) as err:
         raise UsageError(f"lightning.trainer / Trainer flags: {first_line(err)}") from err

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import add_residual, norm_silu
+
 logger = logging.getLogger(__name__)
 
 ATTN_TYPES = ("vanilla", "linear", "none")
@@ -116,15 +118,15 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """Residual update of `x`; `temb` (N, temb_channels) adds a per-channel bias when given."""
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         if temb is not None:
             if not hasattr(self, "temb_proj"):
                 raise ValueError("ResnetBlock was built with temb_channels=0 but was given a timestep embedding")
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return add_residual(x, h)
 
 
 class AttnBlock(nn.Module):
@@ -149,7 +151,7 @@ class AttnBlock(nn.Module):
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
         out = out.transpose(2, 3).reshape(b, c, height, width)
-        return x + self.proj_out(out)
+        return add_residual(x, self.proj_out(out))
 
 
 class LinAttnBlock(nn.Module):
@@ -298,7 +300,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -362,5 +364,63 @@ class Decoder(nn.Module):
                 h = self.up[i_level].upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(norm_silu(self.norm_out, h))
         return torch.tanh(h) if self.tanh_out else h
+
+
+def _feather(length: int, ramp: int, before: bool, after: bool) -> torch.Tensor:
+    """A 1-D blending weight: 1 inside, rising over `ramp` samples at a side that overlaps a neighbouring tile."""
+    weight = torch.ones(length)
+    ramp = min(ramp, length // 2)
+    if ramp > 0:
+        rise = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+        if before:
+            weight[:ramp] = rise
+        if after:
+            weight[length - ramp:] = rise.flip(0)
+    return weight
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of `tile` covering `size` with at most `stride` between them (the last one flush)."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def tiled_decode(decode: Any, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """Decode latents `z` tile by tile: latent tiles of `tile` x `tile` overlapping by `overlap`, each decoded alone
+    and blended with linear ramps across the overlaps, so memory is bounded by one tile's activations (plus the
+    output). The decoder's normalisation sees one tile at a time, so the result differs slightly from a full decode;
+    wider overlaps hide the seams better."""
+    _, _, height, width = z.shape
+    if height <= tile and width <= tile:
+        return decode(z)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must lie in [0, tile {tile})")
+    out = weight = None
+    for top in _tile_starts(height, tile, tile - overlap):
+        for left in _tile_starts(width, tile, tile - overlap):
+            piece = decode(z[:, :, top:top + tile, left:left + tile])
+            factor = piece.shape[-1] // min(tile, width)
+            if out is None:
+                out = piece.new_zeros(piece.shape[0], piece.shape[1], height * factor, width * factor)
+                weight = piece.new_zeros(1, 1, height * factor, width * factor)
+            rows = _feather(piece.shape[-2], overlap * factor, top > 0, top + tile < height)
+            cols = _feather(piece.shape[-1], overlap * factor, left > 0, left + tile < width)
+            mask = (rows[:, None] * cols[None, :]).to(piece)
+            y, x = top * factor, left * factor
+            out[..., y:y + piece.shape[-2], x:x + piece.shape[-1]] += piece * mask
+            weight[..., y:y + piece.shape[-2], x:x + piece.shape[-1]] += mask
+    return out / weight
+
+
+def decode_in_parts(decode: Any, z: torch.Tensor, slicing: bool = False, tile: int | None = None,
+                    overlap: int = 8) -> torch.Tensor:
+    """`decode(z)`, one sample at a time with `slicing`, tile by tile (see `tiled_decode`) when `tile` is set."""
+    def one(part: torch.Tensor) -> torch.Tensor:
+        return decode(part) if tile is None else tiled_decode(decode, part, tile, overlap)
+
+    if slicing and z.shape[0] > 1:
+        return torch.cat([one(z[i:i + 1]) for i in range(z.shape[0])])
+    return one(z)

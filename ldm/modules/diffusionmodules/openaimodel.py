@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from ldm.modules.attention import SpatialTransformer, attention
 from ldm.modules.diffusionmodules.util import (
+    NormSiLU,
+    add_residual,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -145,7 +147,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            normalization(channels), NormSiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -159,7 +161,7 @@ class ResBlock(TimestepBlock):
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            NormSiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -189,7 +191,7 @@ class ResBlock(TimestepBlock):
             h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        return add_residual(self.skip_connection(x), h)
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -252,7 +254,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        return add_residual(x, h).reshape(b, c, *spatial)
 
 
 def _per_level(value: Any, levels: int, name: str) -> list:
@@ -530,7 +532,7 @@ class UNetModel(UNetTorso):
     def _build_head(self, ch: int, dims: int, n_embed: int | None) -> None:
         """The output projection (zero-initialised) and, with n_embed, the codebook-id predictor."""
         head = zero_module(conv_nd(dims, self.model_channels, self.out_channels, 3, padding=1))
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), head)
+        self.out = nn.Sequential(normalization(ch), NormSiLU(), head)
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, self.model_channels, n_embed, 1))
 
@@ -563,6 +565,8 @@ class UNetModel(UNetTorso):
         context = _cast_context(context, dtype)
         hs = []
         h = x.type(dtype)
+        if self.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) and h.ndim == 4:
+            h = h.contiguous(memory_format=torch.channels_last)  # ldm.acceleration.to_channels_last
         for module in self.input_blocks:
             h = module(h, emb, context)
             hs.append(h)

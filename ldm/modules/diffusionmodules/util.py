@@ -108,6 +108,24 @@ class SiLU(nn.SiLU):
     """x * sigmoid(x) (kept as a named class for compatibility)."""
 
 
+class NormSiLU(nn.SiLU):
+    """The SiLU that follows a normalisation: without gradients it overwrites its input, the norm's fresh output
+    that nothing else reads (GroupNorm + SiLU in one activation; with gradients an ordinary SiLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)), in place on the norm's output when no gradient is recorded."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
+def add_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + h; without gradients written into h (a block's fresh output), which saves one activation."""
+    return x + h if torch.is_grad_enabled() else h.add_(x)
+
+
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """A 1-D, 2-D or 3-D convolution."""
     layers = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -2,12 +2,12 @@
 construction (Lagrange interpolation of the last slopes, integrated over the step) on the irregular sigma grid."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from numpy.polynomial import Polynomial
 
 from ldm.sampling.samplers.base import (
     Denoise,
@@ -23,15 +23,29 @@ from ldm.sampling.samplers.base import (
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Nodes and weights of n-point Gauss-Legendre quadrature on [-1, 1]."""
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return tuple(nodes.tolist()), tuple(weights.tolist())
+
+
 def lms_coefficient(points: Sequence[float], j: int, start: float, end: float) -> float:
-    """The integral from start to end of the Lagrange basis polynomial of points[j] over `points`, exactly
-    (k-diffusion integrates the same polynomial numerically)."""
-    basis = Polynomial([1.0])
-    for k, point in enumerate(points):
-        if k != j:
-            basis = basis * Polynomial([-point, 1.0]) / (points[j] - point)
-    antiderivative = basis.integ()
-    return float(antiderivative(end) - antiderivative(start))
+    """The integral from start to end of the Lagrange basis polynomial of points[j] over `points`, exactly:
+    the basis has degree len(points) - 1, which n-point Gauss-Legendre quadrature integrates without error for
+    2n - 1 >= that degree (k-diffusion integrates the same polynomial numerically)."""
+    points = [float(p) for p in points]
+    nodes, weights = _gauss_legendre(max(1, (len(points) + 1) // 2))
+    half, mid = 0.5 * (end - start), 0.5 * (end + start)
+    total = 0.0
+    for node, weight in zip(nodes, weights):
+        x = mid + half * node
+        value = 1.0
+        for k, point in enumerate(points):
+            if k != j:
+                value *= (x - point) / (points[j] - point)
+        total += weight * value
+    return half * total
 
 
 def lms(
@@ -60,7 +74,7 @@ def lms(
             x = euler_step(x, d, denoised, sigma, sigma_next)
         else:
             history = (history + [(sigma, d)])[-order:]
-            points = np.asarray([level for level, _ in reversed(history)])  # newest first
+            points = [level for level, _ in reversed(history)]  # newest first
             slopes = [slope for _, slope in reversed(history)]
             x = x + sum(lms_coefficient(points, j, sigma, sigma_next) * slope for j, slope in enumerate(slopes))
         report(callback, i, sigma, sigma_next, x, denoised)
