@@ -74,7 +74,7 @@ def test_geglu_in_place_product_matches_training_path():
 
 
 def test_unet_inference_path_matches_gradient_path_and_unfused():
-    """no_grad runs every fusion (packed projections, in-place SiLU / GEGLU / residuals); with gradients none."""
+    """no_grad runs every fusion (packed projections, in-place SiLU / GEGLU); with gradients none."""
     torch.manual_seed(4)
     unet = UNetModel(**TINY_UNET).eval()
     for p in unet.parameters():  # zero-initialised output convs would hide the attention branches

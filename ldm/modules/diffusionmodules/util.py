@@ -122,8 +122,10 @@ def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def add_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x + h; without gradients written into h (a block's fresh output), which saves one activation."""
-    return x + h if torch.is_grad_enabled() else h.add_(x)
+    """x + h, a block's residual connection. (Writing it into h without gradients saved one activation but changed
+    the latent cache's first-stage moments against the image path in tests/data/test_laion_latent_cache.py, so it
+    stays out of place until that is understood.)"""
+    return x + h
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
