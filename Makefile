@@ -10,17 +10,24 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 KDIFFUSION_PINS := k-diffusion==0.1.1.post1 dctorch==0.1.2
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test bench demo clean
+.PHONY: install install-core test bench demo clean
 
-$(VENV)/.installed: setup.py Makefile
+# Two stamps: the package alone (what `make demo` needs), then its test extra and the reference samplers on top.
+$(VENV)/.installed-core: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(KDIFFUSION_PINS)
 	touch $@
 
 install: $(VENV)/.installed
+
+install-core: $(VENV)/.installed-core
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
@@ -33,7 +40,7 @@ bench: install
 # DEMO_ARGS passes flags to scripts/demo.py, e.g. DEMO_ARGS="--ldm-minutes 12".
 DEMO_ARGS ?=
 DEMO_START := $(shell date +%s)
-demo: install
+demo: install-core
 	@echo "time setup: $$(( $$(date +%s) - $(DEMO_START) )) s"
 	@$(PY) scripts/demo.py $(DEMO_ARGS); status=$$?; \
 	echo "time in all (setup included): $$(( $$(date +%s) - $(DEMO_START) )) s"; exit $$status
