@@ -206,6 +206,22 @@ class CheckpointError(UserError):
 CHECKPOINT_COUNTERS = ("global_step", "epoch")
 
 
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the precisions a flag or config names by these words
+
+
+def dtype_from_name(name: str | None, what: str = "dtype", nullable: bool = False) -> Any:
+    """torch.bfloat16 / float16 / float32 for "bf16" / "fp16" / "fp32" (and None for None where `nullable`); a
+    ConfigError naming `what` for anything else."""
+    import torch
+
+    if name is None and nullable:
+        return None
+    if name not in DTYPE_NAMES:
+        choices = ", ".join(DTYPE_NAMES) + " or null" if nullable else "bf16, fp16 or fp32"
+        raise ConfigError(f"{what}: expected {choices}, got {name!r}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def read_checkpoint(path: str, weights_only: bool = True, map_location: Any = "cpu",
                     mmap: bool = False) -> tuple[dict, dict]:
     """The state dict of a checkpoint file and what it records besides (`global_step`, `epoch` when present).

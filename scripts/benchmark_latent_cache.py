@@ -32,10 +32,10 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ldm.data.laion import WebDataModuleFromConfig  # noqa: E402
-from ldm.data.latent_cache import DTYPES, LatentCacheDataModule, build_cache  # noqa: E402
+from ldm.data.latent_cache import LatentCacheDataModule, build_cache  # noqa: E402
 from ldm.data.shapes import ShapesTrain  # noqa: E402
 from ldm.data.shard_writer import write_shards  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import DTYPE_NAMES, instantiate_from_config  # noqa: E402
 
 CONFIG = REPO / "configs/latent-diffusion/shapes-ldm-kl-4.yaml"
 
@@ -49,7 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=5, help="untimed steps from each source first")
     add("--rounds", type=int, default=20, help="alternating blocks per source (images, cache, images, ...)")
     add("--threads", type=int, default=1, help="torch threads (more than the free cores slows every step)")
-    add("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the cached moments")
+    add("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="dtype of the cached moments")
     return parser
 
 

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
 from ldm.data.laion import WebDataModuleFromConfig  # noqa: E402
-from ldm.data.latent_cache import DTYPES, build_cache  # noqa: E402
+from ldm.data.latent_cache import build_cache  # noqa: E402
 from ldm.training.config import load_config, split_base_and_overrides  # noqa: E402
-from ldm.util import ConfigError, instantiate_from_config, load_model_from_config  # noqa: E402
+from ldm.util import DTYPE_NAMES, ConfigError, instantiate_from_config, load_model_from_config  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("--ckpt", default=None, help="a checkpoint of the whole model (default: the first stage's own ckpt_path)")
     add("--split", default="train", help="the data split to encode (train, validation, test)")
     add("--out", required=True, help="the cache directory")
-    add("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype the moments (and contexts) are stored in")
+    add("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="dtype the moments (and contexts) are stored in")
     add("--text", action="store_true", help="also cache the frozen cond stage's outputs of the captions")
     add("--batch-size", dest="batch_size", type=int, default=None, help="default: the data config's batch_size")
     add("--limit", type=int, default=None, help="encode at most this many samples")

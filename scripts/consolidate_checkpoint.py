@@ -29,9 +29,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
 from ldm.training.config import is_sharded_checkpoint  # noqa: E402
-from ldm.util import atomic_path, ema_state_dict  # noqa: E402
+from ldm.util import DTYPE_NAMES, atomic_path, dtype_from_name, ema_state_dict  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -41,7 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("checkpoint", help="a sharded checkpoint folder, or a main.py run (its checkpoints/last.ckpt)")
     add("--out", default=None, help="output .ckpt or .safetensors (default: <folder>-full.ckpt beside it)")
     add("--ema", action="store_true", help="write the EMA weights under the model's parameter names")
-    add("--dtype", choices=sorted(DTYPES), default=None, help="cast floating-point tensors (.safetensors only)")
+    add("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="cast floating-point tensors (.safetensors only)")
     add("--optimizer", action="store_true", help="keep the optimizer states (.ckpt only)")
     return parser
 
@@ -80,7 +79,7 @@ def consolidate(args: argparse.Namespace) -> str:
     if args.ema:
         weights = {k: v for k, v in ema_state_dict(weights, folder).items() if not k.startswith("model_ema.")}
     if out.endswith(".safetensors"):
-        dtype = DTYPES.get(args.dtype)
+        dtype = dtype_from_name(args.dtype, "--dtype", nullable=True)
         weights = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous().clone()
                    for k, v in weights.items()}
         with atomic_path(out) as tmp:

@@ -24,9 +24,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ldm import inference as inf  # noqa: E402
-from ldm.util import atomic_path, ema_state_dict, read_checkpoint  # noqa: E402
+from ldm.util import DTYPE_NAMES, atomic_path, dtype_from_name, ema_state_dict, read_checkpoint  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -36,7 +35,7 @@ def get_parser() -> argparse.ArgumentParser:
     add("ckpt", help="a Lightning .ckpt (or a bare state dict / .safetensors)")
     add("--out", default=None, help="output .safetensors (default: <ckpt stem>[-ema]-<dtype>.safetensors beside it)")
     add("--ema", action="store_true", help="keep the EMA weights, under the model's parameter names")
-    add("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the floating-point tensors")
+    add("--dtype", choices=sorted(DTYPE_NAMES), default="fp16", help="dtype of the floating-point tensors")
     add("--unsafe-load", dest="unsafe_load", action="store_true",
         help="read the checkpoint with weights_only=False (runs code in the pickle: trusted files only)")
     return parser
@@ -69,7 +68,7 @@ def prune(args: argparse.Namespace) -> str:
     if os.path.abspath(out) == os.path.abspath(args.ckpt):
         raise inf.ScriptError(f"--out: '{out}' is the input checkpoint; choose another file")
     state, meta = read_checkpoint(args.ckpt, weights_only=not args.unsafe_load)
-    pruned = pruned_state_dict(state, args.ckpt, args.ema, DTYPES[args.dtype])
+    pruned = pruned_state_dict(state, args.ckpt, args.ema, dtype_from_name(args.dtype))
     metadata = {key: str(value) for key, value in meta.items()}
     metadata.update(source=os.path.basename(args.ckpt), weights="ema" if args.ema else "raw", dtype=args.dtype)
     with atomic_path(out) as tmp:

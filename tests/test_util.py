@@ -232,3 +232,14 @@ def test_parallel_data_prefetch_errors_are_raised_not_waited_for():
         parallel_data_prefetch(_fail_on_odd, 5, 2)
     with pytest.raises(ValueError, match="n_proc must be a positive integer"):
         parallel_data_prefetch(_fail_on_odd, [1], 0)
+
+
+def test_dtype_from_name_maps_the_three_precisions_and_names_the_culprit():
+    from ldm.util import ConfigError, dtype_from_name
+
+    assert [dtype_from_name(n) for n in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, torch.float32]
+    assert dtype_from_name(None, nullable=True) is None
+    with pytest.raises(ConfigError, match=r"^--dtype: expected bf16, fp16 or fp32, got 'float64'$"):
+        dtype_from_name("float64", "--dtype")
+    with pytest.raises(ConfigError, match="got None"):
+        dtype_from_name(None)

@@ -35,14 +35,13 @@ from ldm.data.laion import WebDataModuleFromConfig
 from ldm.data.shards import SampleRejected
 from ldm.modules.cached import CachedConditioning, FirstStageLatent
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import ConfigError, atomic_path
+from ldm.util import ConfigError, atomic_path, dtype_from_name
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.json"
 NULL_CONTEXT_FILE = "null_context.safetensors"
 FORMAT = "ldm-latent-cache"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CACHE_SPLIT_KEYS = ("cache", "shuffle", "shard_shuffle", "epoch_length", "repeat")
 
 
@@ -133,14 +132,14 @@ def build_cache(model: Any, batches: Iterable[Mapping[str, Any]], out_dir: str, 
     count = [0]
 
     def counted() -> Iterator[dict[str, Any]]:
-        for record in cache_records(model, batches, DTYPES[dtype], text):
+        for record in cache_records(model, batches, dtype_from_name(dtype, "cache dtype"), text):
             count[0] += 1
             yield record
 
     with torch.no_grad():
         paths = write_shards(counted(), out_dir, samples_per_shard)
         if text:
-            save_null_context(model, out_dir, DTYPES[dtype])
+            save_null_context(model, out_dir, dtype_from_name(dtype, "cache dtype"))
     if not paths:
         raise ConfigError("the data gave no samples to cache")
     cond = {"target": type(model.cond_stage_model).__name__, "hash": module_hash(model.cond_stage_model),

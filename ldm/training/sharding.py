@@ -35,12 +35,11 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
-from ldm.util import ConfigError, get_obj_from_str
+from ldm.util import ConfigError, dtype_from_name, get_obj_from_str
 
 logger = logging.getLogger(__name__)
 
 UNET_BLOCK = "ldm.modules.diffusionmodules.openaimodel.TimestepEmbedSequential"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 
 
 def _classes(paths: Sequence[str] | None, key: str) -> tuple[type, ...]:
@@ -83,17 +82,15 @@ class FSDPStrategy(ModelParallelStrategy):
         if state_dict_type not in ("sharded", "full"):
             raise ConfigError("lightning.trainer.strategy.params.state_dict_type: expected sharded or full, got "
                               f"{state_dict_type!r}")
-        for key, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-            if value not in DTYPES:
-                raise ConfigError(f"lightning.trainer.strategy.params.{key}: expected bf16, fp16, fp32 or null, "
-                                  f"got {value!r}")
+        dtypes = [dtype_from_name(value, f"lightning.trainer.strategy.params.{key}", nullable=True)
+                  for key, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype))]
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=state_dict_type == "sharded", **kwargs)
         self.wrap = _classes(wrap, "lightning.trainer.strategy.params.wrap")
         self.checkpointed = _classes(activation_checkpointing,
                                      "lightning.trainer.strategy.params.activation_checkpointing")
         self.shard_paths = list(shard)
-        self.param_dtype, self.reduce_dtype = DTYPES[param_dtype], DTYPES[reduce_dtype]
+        self.param_dtype, self.reduce_dtype = dtypes
         self.reshard_after_forward = bool(reshard_after_forward)
 
     def setup_environment(self) -> None:
