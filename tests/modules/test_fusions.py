@@ -112,3 +112,25 @@ def test_autoencoder_coders_inference_path_matches_gradient_path():
         z = moments[:, :4].detach()
         out = decoder(z)
     torch.testing.assert_close(out, decoder(z).detach(), **TOL)
+
+
+def test_in_place_residual_keeps_the_layout_and_dtype_of_x_plus_h():
+    """h.add_(x) only where it is x + h: a channels_last block output beside a contiguous residual (an attention
+    block's) or a bf16 one beside fp32 gets a new tensor, so the latent's layout, and with it randn_like's noise, and
+    its dtype are the out-of-place sum's."""
+    from ldm.modules.diffusionmodules.util import add_residual
+
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        h = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+        out = add_residual(x, h.clone(memory_format=torch.preserve_format))
+        assert out.stride() == (x + h).stride() == x.stride()
+        torch.manual_seed(0)
+        noise = torch.randn_like(out)
+        torch.manual_seed(0)
+        assert torch.equal(noise, torch.randn_like(x))
+        h16 = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+        assert add_residual(x, h16).dtype == torch.float32
+        fresh = torch.randn(2, 4, 3, 3)
+        written = add_residual(x, fresh)
+        assert written is fresh  # the plain case still saves the activation

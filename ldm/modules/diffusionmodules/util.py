@@ -122,10 +122,16 @@ def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def add_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x + h, a block's residual connection. (Writing it into h without gradients saved one activation but changed
-    the latent cache's first-stage moments against the image path in tests/data/test_laion_latent_cache.py, so it
-    stays out of place until that is understood.)"""
-    return x + h
+    """x + h, a block's residual connection; without gradients written into h (a block's fresh output: one
+    activation less) where that gives exactly what x + h gives: the same shape, h already of the promoted dtype
+    (under autocast a bf16 block output beside an fp32 residual would round the sum to bf16), and the same strides.
+    The strides matter: x + h is laid out like x, h.add_(x) like h, and an attention block's output is often
+    channels_last; a latent laid out so makes `torch.randn_like` draw the same numbers into other positions, so
+    the same seed would no longer give the same noise (tests/data/test_laion_latent_cache.py caught that)."""
+    if (torch.is_grad_enabled() or h.shape != x.shape or h.stride() != x.stride()
+            or h.dtype != torch.promote_types(x.dtype, h.dtype)):
+        return x + h
+    return h.add_(x)
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
