@@ -174,17 +174,22 @@ def warn_if_emulated_bf16(device: torch.device | str) -> None:
         logger.warning(message)
 
 
-# parameters x latent pixels x UNet calls above which compiling pays for itself within one run on a CPU. Measured on
-# the SD v1 UNet (860 M parameters, 2 cores): inductor halves a forward pass (1.7 -> 0.9 s at 32x32) after ~60-80 s
-# of compiling, so it pays after ~90 calls at 32x32 and ~10 at 64x64: 860e6 * 1024 * 90 ~ 8e13.
-COMPILE_PAYS_AT = 8e13
+# parameters x UNet calls above which compiling pays for itself within one run on a CPU. Measured on the SD v1 UNet
+# (860 M parameters), fp32, 2 quiet cores, inductor with freezing and a cold cache (docs/benchmarks.md,
+# "Compiling"): a call gets 0.38-0.57 s faster at 32x32 and 64x64, batch 1 and 2 (1076 -> 698 ms at 32x32 batch 1,
+# 5.87 -> 5.36 s at 64x64 batch 2, one guided step of a 512x512 image), after 56-72 s of compiling; so it pays after
+# ~100-190 calls whatever the latent size: 860e6 * 150 ~ 1.3e11. End to end, a 512x512 txt2img run's first step took
+# 61 s longer compiled and each later one 0.91 s less (pays from ~67 steps). A 50-step image stays eager; --n_iter 3
+# and more compile. Freezing also keeps a prepacked second copy of the weights (peak memory 9.2 GiB against 4.1 eager at
+# 64x64). The issue's earlier estimate, that compiling halves a call at every size, had put this ~6x lower.
+COMPILE_PAYS_AT = 150 * 860e6  # ~1.3e11
 
 
-def compile_pays(model: Any, latent_pixels: int, unet_calls: int) -> bool:
-    """Whether compiling the UNet is likely to save more time than it costs over `unet_calls` forward passes of
-    `latent_pixels` latent pixels (the `--compile` default of the sampling scripts)."""
+def compile_pays(model: Any, unet_calls: int) -> bool:
+    """Whether compiling the UNet is likely to save more time than it costs over `unet_calls` forward passes (the
+    `--compile` default of the sampling scripts)."""
     n_params = sum(p.numel() for p in unet_of(model).parameters())
-    return n_params * latent_pixels * unet_calls >= COMPILE_PAYS_AT
+    return n_params * unet_calls >= COMPILE_PAYS_AT
 
 
 def accelerate(model: Any, compile: bool = False, channels_last: bool = False) -> Any:

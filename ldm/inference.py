@@ -225,11 +225,11 @@ def load_from_args(args: argparse.Namespace) -> tuple[object, torch.device, str]
     return model, device, ckpt
 
 
-def compile_by_default(args: argparse.Namespace, model: Any, latent_pixels: int, unet_calls: int) -> None:
+def compile_by_default(args: argparse.Namespace, model: Any, unet_calls: int) -> None:
     """Without --compile / --no-compile, compile the UNet when it pays for itself within this run."""
-    if getattr(args, "compile", None) is None and compile_pays(model, latent_pixels, unet_calls):
-        logger.info("compiling the UNet: %d calls at %d latent pixels pay for it (--no-compile to run eager)",
-                    unet_calls, latent_pixels)
+    if getattr(args, "compile", None) is None and compile_pays(model, unet_calls):
+        logger.info("compiling the UNet: %d calls pay for it (--no-compile to run eager; compiling with freezing "
+                    "holds a second, prepacked copy of the UNet's weights)", unet_calls)
         compile_unet(model, freeze=True)
 
 

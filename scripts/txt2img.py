@@ -127,9 +127,8 @@ def generate(args: argparse.Namespace) -> list[str]:
         first_stage.enable_tiling(args.vae_tiling, overlap=args.vae_tiling // 4)
     if args.vae_slicing:
         first_stage.enable_slicing()
-    factor = inf.first_stage_factor(model)
     batches = 1 if len(prompts) == 1 else -(-len(prompts) // args.n_samples)
-    inf.compile_by_default(args, model, (args.H // factor) * (args.W // factor), args.steps * args.n_iter * batches)
+    inf.compile_by_default(args, model, args.steps * args.n_iter * batches)
     checker = SafetyChecker(args.safety_checker, device) if args.safety_checker else None
     job = Txt2Img(model, ckpt, sampler=name, steps=args.steps, scale=args.scale, eta=inf.sampler_eta(args, name),
                   spacing=args.spacing, guidance_rescale=args.guidance_rescale, height=args.H, width=args.W,
