@@ -367,14 +367,10 @@ def return_freed_memory() -> None:
     as free but resident memory; trimming returns it, so the process's peak later on is the model's, not the model's
     plus the discarded initialisation's leftovers."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols: glibc's when linked
+    if trim is not None:
+        trim(0)
 
 
 def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose: bool = False,
@@ -404,11 +400,11 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
                               f"'{next(iter(own))}', the file holds e.g. '{next(iter(state), '(nothing)')}')")
     try:
         missing, unexpected = _load_weights(model, own, state)
-        del own, state  # the initial weights the checkpoint replaced go now
-        return_freed_memory()
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CheckpointError(f"checkpoint '{ckpt}' does not fit {type(model).__name__}: {lines[-1]}") from err
+    del own, state  # the initial weights the checkpoint replaced go now
+    return_freed_memory()
     if not has_ema and getattr(model, "model_ema", None) is not None:
         logger.info("checkpoint '%s' has no EMA weights: model_ema starts from the loaded weights", ckpt)
         model.model_ema = type(model.model_ema)(model.model)

@@ -32,7 +32,6 @@ from ldm.training.config import is_sharded_checkpoint  # noqa: E402
 from ldm.util import DTYPE_NAMES, atomic_path, dtype_from_name, ema_state_dict  # noqa: E402
 
 
-
 def get_parser() -> argparse.ArgumentParser:
     """Input folder (or run), output file, EMA, dtype, optimizer."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -43,7 +43,8 @@ AE_CONFIG = "configs/autoencoder/shapes-kl-f2.yaml"
 LDM_CONFIG = "configs/latent-diffusion/shapes-ldm-kl-2.yaml"
 AE_NAME, LDM_NAME = "shapes-ae", "shapes-ldm"
 TOKENIZER_KEY = "model.params.cond_stage_config.params.tokenizer_path"
-# the defaults: minutes per stage (12 of the 15: setup, startup, sampling and scoring take the rest), and how the LDM is sampled (see README, Demo)
+# the defaults: minutes per stage (12 of the 15: setup, startup, sampling and scoring take the rest), and how the
+# LDM is sampled (see README, Demo)
 AE_MINUTES, LDM_MINUTES = 3.0, 9.0
 SAMPLER, STEPS, SCALE = "euler", 50, 3.0
 CELL = 64  # grid cell side in pixels (samples upscaled, nearest neighbour)

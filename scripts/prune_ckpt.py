@@ -27,7 +27,6 @@ from ldm import inference as inf  # noqa: E402
 from ldm.util import DTYPE_NAMES, atomic_path, dtype_from_name, ema_state_dict, read_checkpoint  # noqa: E402
 
 
-
 def get_parser() -> argparse.ArgumentParser:
     """Input checkpoint, output file, EMA and dtype."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -129,17 +129,18 @@ def build_cache(model: Any, batches: Iterable[Mapping[str, Any]], out_dir: str, 
     returns the cache.json contents (`extra` entries, e.g. the data config, are recorded too)."""
     from ldm.data.shard_writer import write_shards
 
+    torch_dtype = dtype_from_name(dtype, "cache dtype")
     count = [0]
 
     def counted() -> Iterator[dict[str, Any]]:
-        for record in cache_records(model, batches, dtype_from_name(dtype, "cache dtype"), text):
+        for record in cache_records(model, batches, torch_dtype, text):
             count[0] += 1
             yield record
 
     with torch.no_grad():
         paths = write_shards(counted(), out_dir, samples_per_shard)
         if text:
-            save_null_context(model, out_dir, dtype_from_name(dtype, "cache dtype"))
+            save_null_context(model, out_dir, torch_dtype)
     if not paths:
         raise ConfigError("the data gave no samples to cache")
     cond = {"target": type(model.cond_stage_model).__name__, "hash": module_hash(model.cond_stage_model),
