@@ -280,7 +280,7 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for prefix, clock in (("", "wall"), ("cpu_", "CPU")):
             print(f"| {fw} | {clock} | {r[prefix + 'seconds']:.1f} | "
                   + " | ".join(f"{r[prefix + k]:.2f}" for k in PHASES)
-                  + f" | {r[prefix + 'estimate']:.1f} | {r['peak_rss_gib']:.2f} |")
+                  + f" | {r[prefix + 'estimate']:.1f} | {r['peak_rss_gib']:.3f} |")
     if len(result) < 2:
         return result
     ours, theirs = result["ours"], result["diffusers"]
@@ -290,7 +290,7 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"ours / diffusers ({clock}): total {ratio['seconds']:.2f}, per step {ratio['per_step']:.2f}, setup "
               f"{ratio['setup']:.2f}, decode {ratio['decode']:.2f}, {args.extrapolate}-step estimate "
               f"{ratio['estimate']:.2f}")
-    print(f"ours / diffusers: peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.2f}")
+    print(f"ours / diffusers: peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.3f}")
     return result
 
 

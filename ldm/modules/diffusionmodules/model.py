@@ -123,7 +123,8 @@ class ResnetBlock(nn.Module):
             if not hasattr(self, "temb_proj"):
                 raise ValueError("ResnetBlock was built with temb_channels=0 but was given a timestep embedding")
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
+        h = norm_silu(self.norm2, h)  # rebinding h here releases conv1's output before conv2 allocates its own
+        h = self.conv2(self.dropout(h))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return add_residual(x, h)
