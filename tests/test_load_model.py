@@ -114,6 +114,41 @@ def test_missing_unexpected_and_mismatched_keys_are_reported(trained, tmp_path, 
         load_model_from_config(ddpm_config(), str(tmp_path / "other.pt"))
 
 
+def test_weights_are_drawn_only_where_the_checkpoint_lacks_some(trained, tmp_path, caplog):
+    """Loading builds the model without drawing initial weights; a checkpoint that lacks one of them makes it build
+    again with initial weights, so the missing tensor holds an initialisation, not uninitialised memory."""
+    torch.save(trained, tmp_path / "full.pt")
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        load_model_from_config(ddpm_config(), str(tmp_path / "full.pt"))
+    assert "building it with initial weights" not in caplog.text
+    key = "model.diffusion_model.input_blocks.0.0.weight"  # a 3x3 conv: kaiming-uniform within 1/sqrt(fan_in)
+    partial = {k: v for k, v in trained.items() if k != key}
+    torch.save(partial, tmp_path / "partial.pt")
+    with caplog.at_level(logging.INFO, logger="ldm.util"):
+        model = load_model_from_config(ddpm_config(), str(tmp_path / "partial.pt"))
+    assert f"lacks 1 of the model's tensors (e.g. '{key}'): building it with initial weights" in caplog.text
+    weight = model.state_dict()[key]
+    bound = (weight[0].numel()) ** -0.5
+    assert weight.abs().max() <= bound and abs(weight.std().item() / (bound / 3**0.5) - 1) < 0.15
+    for k, v in partial.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_skipped_initialisation_leaves_tensors_unset_and_restores_torch_nn_init():
+    from ldm.util import skipped_initialisation, uninitialised_tensors
+
+    uniform = torch.nn.init.uniform_
+    with skipped_initialisation() as skipped:
+        layer = torch.nn.Linear(64, 64)
+        torch.nn.init.normal_(layer.weight)
+    assert torch.nn.init.uniform_ is uniform
+    assert {layer.weight.data_ptr(), layer.bias.data_ptr()} <= skipped
+    assert uninitialised_tensors(layer, skipped, ["bias"]) == ["weight"]
+    layer.weight = torch.nn.Parameter(torch.zeros(64, 64))
+    assert uninitialised_tensors(layer, skipped, []) == ["bias"]
+    assert torch.nn.Linear(4, 4).weight.abs().sum() > 0  # drawn again outside the block
+
+
 def test_ckpt_path_in_the_config_is_not_read(trained, tmp_path):
     torch.save(trained, tmp_path / "m.pt")
     config = ddpm_config(ckpt_path=str(tmp_path / "gone.ckpt"))  # a run's config may name a file that is gone
