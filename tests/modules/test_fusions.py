@@ -134,3 +134,25 @@ def test_in_place_residual_keeps_the_layout_and_dtype_of_x_plus_h():
         fresh = torch.randn(2, 4, 3, 3)
         written = add_residual(x, fresh)
         assert written is fresh  # the plain case still saves the activation
+
+
+def test_compiled_residual_is_the_functional_sum_skip_first():
+    """Under torch.compile the residual is traced as x + h, the skip first, not h.add_(x): inductor then fuses the
+    sum into the block's last 3x3 convolution as an in-place accumulation, as it does for diffusers' input + hidden
+    (traced in place, the sum went into the 1x1 skip convolution instead)."""
+    from ldm.modules.diffusionmodules.util import add_residual
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        out = torch.compile(add_residual, backend=backend, fullgraph=True)(x, h)
+    torch.testing.assert_close(out, x + h, rtol=0, atol=0)
+    adds = [node for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert len(adds) == 1 and "add_" not in str(adds[0].target)
+    inputs = [node.name for node in graphs[0].graph.nodes if node.op == "placeholder"]
+    assert [arg.name for arg in adds[0].args] == inputs  # x first, as passed

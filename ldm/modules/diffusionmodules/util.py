@@ -127,8 +127,11 @@ def add_residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     (under autocast a bf16 block output beside an fp32 residual would round the sum to bf16), and the same strides.
     The strides matter: x + h is laid out like x, h.add_(x) like h, and an attention block's output is often
     channels_last; a latent laid out so makes `torch.randn_like` draw the same numbers into other positions, so
-    the same seed would no longer give the same noise (tests/data/test_laion_latent_cache.py caught that)."""
-    if (torch.is_grad_enabled() or h.shape != x.shape or h.stride() != x.stride()
+    the same seed would no longer give the same noise (tests/data/test_laion_latent_cache.py caught that).
+    Under torch.compile it is x + h: inductor plans its own buffers, and with the skip first it fuses the sum into
+    the block's last convolution as an in-place accumulation (traced as h.add_(x) it chose the 1x1 skip convolution;
+    the compiled SD UNet was then 1-2% behind diffusers', level with it after)."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or h.shape != x.shape or h.stride() != x.stride()
             or h.dtype != torch.promote_types(x.dtype, h.dtype)):
         return x + h
     return h.add_(x)
