@@ -372,38 +372,11 @@ def return_freed_memory() -> None:
     After a model's random initial weights are replaced by a checkpoint's mapped tensors, the small ones (biases,
     norms, anything allocated below glibc's mmap threshold, which rises as large blocks are freed) stay in the heap
     as free but resident memory; trimming returns it, so the process's peak later on is the model's, not the model's
-    plus the discarded initialisation's leftovers."""
+    plus the discarded initialisation's leftovers. The autoencoder's decoder trims between its levels for the same
+    reason (see `Decoder.forward`)."""
     trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
-
-
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # the ceiling of glibc's self-raising mmap threshold on 64-bit systems
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-@contextlib.contextmanager
-def returning_freed_memory(threshold: int = 1 << 20) -> Iterator[None]:
-    """Within the block, blocks of `threshold` bytes and up get their own mappings, which free() hands straight back
-    to the operating system (glibc's mallopt M_MMAP_THRESHOLD; elsewhere nothing changes); the heap is trimmed on
-    entry and exit.
-
-    For a short pass through large activations, a 512x512 decode: glibc otherwise serves blocks up to its mmap
-    threshold (raised as large blocks are freed, to 32 MiB) from the heap, where freed ones stay resident under
-    later ones; in the SD v1 decoder that was ~90 MB of its ~1 GB peak, at no cost in time measured. It is not for a
-    whole sampling run: mapping every block afresh cost the SD UNet 12-20% a call. On exit the threshold is set to
-    glibc's ceiling, where a long run's self-raised threshold ends anyway (setting it stops the self-raising)."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        yield
-        return
-    return_freed_memory()
-    mallopt(_M_MMAP_THRESHOLD, threshold)
-    try:
-        yield
-    finally:
-        mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-        return_freed_memory()
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",

@@ -106,6 +106,7 @@ class Phases:
         self.unet_first_end: tuple[float, float] | None = None
         self.unet_last: tuple[float, float] | None = None
         self._started: dict[str, tuple[float, float]] = {}
+        self.rss_before_decode = float("nan")
 
     def watch(self, text_encoder: torch.nn.Module, unet: torch.nn.Module, decoder: torch.nn.Module) -> None:
         """Put the hooks on one framework's three modules."""
@@ -115,6 +116,8 @@ class Phases:
 
     def _start(self, name: str) -> None:
         stamp = now()
+        if name == "decode":
+            self.rss_before_decode = rss_gib("VmRSS")
         self.first_call = self.first_call or stamp
         if name == "unet":
             self.unet_first = self.unet_first or stamp
@@ -134,7 +137,7 @@ class Phases:
         calls and the sampler between them), the first step (compiling, when the UNet is compiled) and each later
         one, decoding, and the rest (image conversion, saving); wall clock, and CPU time under the same names with
         a `cpu_` prefix. With guidance each step is one UNet call on the doubled batch in both frameworks."""
-        out: dict[str, float] = {"unet_calls": self.unet_calls}
+        out: dict[str, float] = {"unet_calls": self.unet_calls, "rss_before_decode_gib": self.rss_before_decode}
         for clock, prefix in ((0, ""), (1, "cpu_")):
             setup = (self.first_call or end)[clock] - start[clock]
             sampling = (self.unet_last or end)[clock] - (self.unet_first or end)[clock]
@@ -225,15 +228,21 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_gib": peak_rss_gib(), **phases.result(start, end, args.steps)}))
 
 
+def rss_gib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM its peak), in GiB; NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration):
+        return float("nan")
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory: VmHWM of /proc/self/status (its own address space only; getrusage's
     ru_maxrss keeps the parent's size from before exec), else getrusage."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 2**20  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = rss_gib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if peak != peak else peak
 
 
 def spawn(args: argparse.Namespace, framework: str, workdir: Path) -> dict[str, float]:
@@ -290,7 +299,8 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"ours / diffusers ({clock}): total {ratio['seconds']:.2f}, per step {ratio['per_step']:.2f}, setup "
               f"{ratio['setup']:.2f}, decode {ratio['decode']:.2f}, {args.extrapolate}-step estimate "
               f"{ratio['estimate']:.2f}")
-    print(f"ours / diffusers: peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.3f}")
+    print(f"ours / diffusers: peak memory {ours['peak_rss_gib'] / theirs['peak_rss_gib']:.3f}; resident when "
+          f"decoding starts {ours['rss_before_decode_gib']:.3f} vs {theirs['rss_before_decode_gib']:.3f} GiB")
     return result
 
 

@@ -23,8 +23,7 @@ from ldm.modules.cached import CachedConditioning, FirstStageLatent, plain
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.conditioner import EmbedderSpec, GeneralConditioner, embed, global_drop
 from ldm.modules.encoders.roles import bare_role, bare_slot, is_role_dict, take, to_legacy
-from ldm.util import (ConfigError, default, freeze_module, get_obj_from_str, instantiate_from_config,
-                      returning_freed_memory)
+from ldm.util import ConfigError, default, freeze_module, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +196,8 @@ class LatentDiffusion(PatchwiseMixin, LatentImageLogging, DDPM):
             decode = partial(self.first_stage_model.decode, force_not_quantize=True)
         else:
             decode = self.first_stage_model.decode
-        with returning_freed_memory():  # the decoder's large activations leave nothing resident behind them
-            patched = self.patchwise_decode(z, decode)
-            return decode(z) if patched is None else patched
+        patched = self.patchwise_decode(z, decode)
+        return decode(z) if patched is None else patched
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import add_residual, norm_silu
+from ldm.util import return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +364,10 @@ class Decoder(nn.Module):
             h = _run_level(self.up[i_level], h)
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
+                if not torch.is_grad_enabled():
+                    # The level's freed activations, small enough for glibc's heap, would stay resident beneath the
+                    # next level's 4x larger ones: a 512x512 SD decode peaked ~150 MB higher without this.
+                    return_freed_memory()
         if self.give_pre_end:
             return h
         h = self.conv_out(norm_silu(self.norm_out, h))

@@ -102,6 +102,22 @@ def test_encoder_decoder_shapes_and_output_options():
     assert torch.allclose(tanh(z), torch.tanh(out), atol=1e-6)
 
 
+def test_decoder_hands_freed_memory_back_after_each_upsampling_without_gradients(monkeypatch):
+    """Each level's freed activations are trimmed from the heap before the next, larger level allocates (one
+    `return_freed_memory` per upsampling), only when decoding without gradients."""
+    import ldm.modules.diffusionmodules.model as model
+
+    calls = []
+    monkeypatch.setattr(model, "return_freed_memory", lambda: calls.append(1))
+    dec = Decoder(**{**TINY, "ch_mult": [1, 2, 2]})
+    z = torch.randn(1, 4, 8, 8)
+    dec(z)
+    assert calls == []
+    with torch.no_grad():
+        dec(z)
+    assert len(calls) == 2
+
+
 def test_downsample_pads_bottom_right_only():
     down = Downsample(1, with_conv=True)
     x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8) + 1.0
