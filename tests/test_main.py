@@ -290,6 +290,20 @@ def test_exception_inside_training_leaves_last_ckpt(tmp_path, monkeypatch, main_
     assert signal.getsignal(signal.SIGUSR1) is handler  # main() restored what it replaced
 
 
+def test_a_run_ended_by_its_step_limit_between_saves_keeps_its_final_state(tmp_path, monkeypatch, main_module):
+    """last.ckpt holds the step a run stopped at (max_steps here; max_time and time budgets alike), not only the
+    last validation's: validating every 3 steps, a 5-step run would otherwise lose steps 4 and 5."""
+    monkeypatch.syspath_prepend(str(HELPERS))
+    monkeypatch.chdir(tmp_path)
+    config = long_run_config(tmp_path)
+    config["lightning"]["trainer"].update(enable_progress_bar=False, val_check_interval=3, limit_val_batches=1)
+    path = str(write_config(tmp_path, config))
+    assert main_module.main(["-b", path, "-t", "-l", "logs", "--max_steps", "5", "--no-test"]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert ckpt_step(run / "checkpoints" / "last.ckpt") == 5
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # the same last.ckpt, overwritten
+
+
 def test_resume_from_checkpoint_starts_a_new_run_from_the_training_state(tmp_path, monkeypatch, main_module):
     """The original main.py's advice: -n <name> with Lightning 1's --resume_from_checkpoint starts a new run directory
     from another run's checkpoint, its step and optimizer state included."""

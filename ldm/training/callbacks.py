@@ -209,7 +209,8 @@ class ImageLogger(Callback):
 
 
 class EmergencyCheckpoint(Callback):
-    """Write `last.ckpt` when asked by a signal (see `request`) or when training dies of an exception or Ctrl-C.
+    """Write `last.ckpt` when asked by a signal (see `request`), when training dies of an exception or Ctrl-C, and
+    when it ends by a limit after the last checkpoint.
 
     A signal only sets a flag; the checkpoint is written at the end of the current training batch, where the
     state is consistent (and, with several processes, where all of them agree to save); `request_stop` (SIGTERM,
@@ -263,6 +264,22 @@ class EmergencyCheckpoint(Callback):
             logger.warning("SIGTERM: stopping after step %d; resume with main.py -r", trainer.global_step)
             self.stopped_by_signal = True
             trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run that ends by a limit (max_steps, max_time, a training-time budget) between two saves writes the
+        state it stopped at as last.ckpt: Lightning's checkpoint last saved at a validation, and resuming or
+        sampling from it would drop the steps after that (up to a minute of make demo's nine)."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0 or self._saved_step == trainer.global_step:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if (isinstance(callback, ModelCheckpoint) and callback.save_last
+                    and getattr(callback, "_last_global_step_saved", None) == trainer.global_step):
+                return  # Lightning's own last.ckpt is already of this step
+        logger.info("training ended at step %d after the last checkpoint: saving %s", trainer.global_step,
+                    self.ckpt_path)
+        self._adopt_as_last(trainer)
+        trainer.save_checkpoint(self.ckpt_path)
+        self._saved_step = trainer.global_step
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Save the training state reached so far ("summoning checkpoint") before the process exits."""
