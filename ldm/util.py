@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
@@ -359,8 +360,10 @@ def _load_weights(model: Any, own: dict, state: dict) -> tuple[list[str], list[s
     return model.load_state_dict(state, strict=False, assign=True)
 
 
+@functools.cache
 def _libc_function(name: str) -> Any:
-    """A C library function from the process's own symbols (glibc's when linked), or None where there is none."""
+    """A C library function from the process's own symbols (glibc's when linked), or None where there is none;
+    looked up once (the decoder asks at every upsampling)."""
     import ctypes
 
     return getattr(ctypes.CDLL(None), name, None)
@@ -463,7 +466,7 @@ def load_model_from_config(config: Any, ckpt: str, device: Any = "cpu", verbose:
                     ckpt, len(left), left[0])
         model = instantiate_from_config(model_config, path="model")
         missing, unexpected = _load_checkpoint_into(model, state, ckpt)
-    del state  # the initial weights the checkpoint replaced go now
+    del state  # the model holds what it took over; entries it did not use go now
     return_freed_memory()
     if not has_ema and getattr(model, "model_ema", None) is not None:
         logger.info("checkpoint '%s' has no EMA weights: model_ema starts from the loaded weights", ckpt)

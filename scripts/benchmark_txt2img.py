@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -242,7 +243,7 @@ def peak_rss_gib() -> float:
     """This process's peak resident memory: VmHWM of /proc/self/status (its own address space only; getrusage's
     ru_maxrss keeps the parent's size from before exec), else getrusage."""
     peak = rss_gib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if peak != peak else peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if math.isnan(peak) else peak
 
 
 def spawn(args: argparse.Namespace, framework: str, workdir: Path) -> dict[str, float]:
