@@ -76,20 +76,17 @@ def write_config(tmp_path, config=None, name="tiny.yaml"):
     return path
 
 
+sys.path.insert(0, str(REPO / "tests" / "reliability"))
+import run_helpers  # noqa: E402
+
+
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HELPERS), str(REPO), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("LDM_MAIN_LOGDIR", None)
-    return env
+    return run_helpers.main_env(PYTHONPATH=os.pathsep.join([str(HELPERS), str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def run_main(tmp_path, *args, timeout=300):
     """`python main.py -l logs <args>` in tmp_path; the CompletedProcess (stdout and stderr in .output)."""
-    proc = subprocess.run([sys.executable, str(MAIN), "-l", "logs", *args], cwd=tmp_path, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    proc.output = proc.stdout
-    return proc
+    return run_helpers.run_main(tmp_path, *args, timeout=timeout, env={"PYTHONPATH": _env()["PYTHONPATH"]})
 
 
 def start_main(tmp_path, *args):

@@ -115,25 +115,70 @@ def tiny_shard_config(shard_dir, rec_dir, workers=0, every_n_steps=5, shuffle=4)
     }
 
 
-def main_env():
-    """The environment of a main.py subprocess: this directory and the repository on PYTHONPATH, one thread."""
+def main_env(**extra):
+    """The environment of a main.py subprocess: this directory and the repository on PYTHONPATH, one thread, and
+    faulthandler on (a run that hangs is stopped with SIGABRT, which makes every process print its Python stacks);
+    `extra` variables on top."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), REPO, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"
     env.pop("LDM_MAIN_LOGDIR", None)
+    env.update(extra)
     return env
 
 
-def run_main(cwd, *args, timeout=600):
-    """`python main.py -l logs <args>` in cwd, in its own session (so KillAt kills only this run)."""
+def run_main(cwd, *args, timeout=600, env=None):
+    """`python main.py -l logs <args>` in cwd, in its own session (so KillAt kills only this run), with main_env(**env);
+    the CompletedProcess, stdout and stderr together in .stdout and .output. A run still going after `timeout` s fails
+    the test with the Python stacks of all its processes (ranks and DataLoader workers)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, MAIN, "-l", "logs", *args], cwd=cwd, env=main_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                          start_new_session=True)
-    proc.output = proc.stdout
-    return proc
+    args = [sys.executable, MAIN, "-l", "logs", *map(str, args)]
+    proc = subprocess.Popen(args, cwd=cwd, env=main_env(**(env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import time
+
+        for pid in sorted(_session_pids(proc.pid), reverse=True):  # one at a time: their dumps do not interleave
+            _signal(pid, signal.SIGABRT)
+            time.sleep(0.5)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        finally:
+            _signal(-proc.pid, signal.SIGKILL)
+            proc.wait()
+        stacks = "\n".join(line for line in output.splitlines() if not line.startswith("Extension modules:"))
+        raise AssertionError(f"{' '.join(args[1:])} still running after {timeout} s; its processes' stacks at "
+                             f"SIGABRT:\n{stacks[-20000:]}") from None
+    done = subprocess.CompletedProcess(args, proc.returncode, stdout=output)
+    done.output = output
+    return done
+
+
+def _session_pids(sid):
+    """The processes of session `sid` (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or gone
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def _signal(pid, sig):
+    """os.kill, or os.killpg for a negative pid; nothing when it has exited."""
+    try:
+        os.killpg(-pid, sig) if pid < 0 else os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def read_records(path):

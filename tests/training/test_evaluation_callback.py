@@ -2,7 +2,6 @@
 and the real-vs-real floor) to TensorBoard; the same run on 2 CPU processes (DDP, gloo) logs the same values; an
 autoencoder logs rFID/PSNR/SSIM; a bad configuration is one line from main.py."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,9 @@ from ldm.evaluation.inception import resolve_inception_weights
 
 REPO = Path(__file__).resolve().parents[2]
 HELPERS = REPO / "tests" / "main"
+sys.path.insert(0, str(REPO / "tests" / "reliability"))
+import run_helpers  # noqa: E402
+
 LAYER = "64"  # 8 samples: the small layer keeps the covariances small (FID@8 on 2048 features costs minutes on CPU)
 
 
@@ -56,13 +58,8 @@ DIFFUSION = {"every_n_steps": 2, "n_samples": 8, "batch_size": 4, "sampler": "dd
 def run_main(tmp_path, cfg, weights, *args):
     path = tmp_path / "run.yaml"
     OmegaConf.save(OmegaConf.create(cfg), path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HELPERS), str(REPO)]), OMP_NUM_THREADS="1",
-               LDM_INCEPTION_WEIGHTS=weights.path)
-    env.pop("LDM_MAIN_LOGDIR", None)
-    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "-l", "logs", "-b", str(path), "-t",
-                           "--no-test", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=900)
-    return proc
+    env = {"PYTHONPATH": os.pathsep.join([str(HELPERS), str(REPO)]), "LDM_INCEPTION_WEIGHTS": weights.path}
+    return run_helpers.run_main(tmp_path, "-b", path, "-t", "--no-test", *args, timeout=900, env=env)
 
 
 def logged_scalars(tmp_path):
