@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import trange
 
-from ldm.acceleration import compile_pays, compile_unet, warn_if_emulated_bf16
+from ldm.acceleration import compile_pays, compile_unet, store_for_autocast, unet_of, warn_if_emulated_bf16
 from ldm.errors import UserError
 from ldm.training.config import load_config
 from ldm.util import atomic_path, load_model_from_config
@@ -220,6 +220,10 @@ def load_from_args(args: argparse.Namespace) -> tuple[object, torch.device, str]
     _, model = load_model(files, ckpt, device, use_ema=args.ema)
     if getattr(args, "precision", None) == "bf16":
         warn_if_emulated_bf16(device)
+        if not getattr(args, "ipex", False):  # ipex.optimize makes its own bf16 weights from the fp32 ones
+            freed = store_for_autocast(unet_of(model), torch.bfloat16)
+            logger.info("--precision bf16: the UNet's convolution and linear weights kept in bf16 (%.2f GB freed; "
+                        "autocast would compute with these copies anyway)", freed / 1e9)
     if getattr(args, "compile", None):
         compile_unet(model, freeze=True)
     return model, device, ckpt

@@ -382,6 +382,49 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files (/proc/self/maps; none where it cannot be read)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        pass
+    return spans
+
+
+def release_file_pages(tensors: Iterable[Any]) -> int:
+    """Drop the resident pages of tensors that view a mapped checkpoint file and that nothing will read again; the
+    bytes released. `tensors` may be a generator: each is released before the next is drawn.
+
+    A checkpoint loaded with mmap stays one mapping while any of its tensors is in use, and every page a tensor was
+    read from (to cast it to another dtype, say) counts towards the process's memory until then. madvise(DONTNEED)
+    gives back the pages lying wholly inside each tensor (pages shared with a neighbour stay), and only within a
+    private file mapping: were anything to read them again it would see the file's bytes. Tensors in any other memory
+    are left alone (there the call would zero live data)."""
+    import ctypes
+    import mmap
+
+    madvise = _libc_function("madvise")
+    spans = _file_mappings() if madvise is not None else []
+    page, released = mmap.PAGESIZE, 0
+    for tensor in tensors:  # an iterator is consumed whatever happens (its items may be made as it goes)
+        if not spans:
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = -(-start // page) * page, end // page * page
+        if last <= first or not any(lo <= start and end <= hi for lo, hi in spans):
+            continue
+        if madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED) == 0:
+            released += last - first
+    return released
+
+
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
 

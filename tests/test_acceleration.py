@@ -1,5 +1,6 @@
 """Speed switches: channels_last and torch.compile give the eager UNet's output with the same state_dict keys; the
-compile-by-default rule; the one-line bf16 message; lightning.speed with main.py's flags over it."""
+compile-by-default rule; the one-line bf16 message; weights kept
+in the autocast dtype give autocast's outputs; lightning.speed with main.py's flags over it."""
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -52,6 +53,22 @@ def test_compiled_unet_matches_eager_and_keeps_keys(tmp_path, monkeypatch):
         torch.testing.assert_close(unet(x, t, context=ctx), reference, atol=1e-5, rtol=1e-5)
     assert list(unet.state_dict()) == keys
     assert any((tmp_path / "inductor").iterdir())  # the on-disk cache a second run reuses
+
+
+def test_weights_stored_for_autocast_give_autocasts_outputs_bit_for_bit():
+    unet = tiny_unet()
+    x, t, ctx = inputs()
+    fp32_bytes = sum(p.numel() * 4 for m in unet.modules() if isinstance(m, acceleration.AUTOCAST_LAYERS)
+                     for p in m.parameters(recurse=False))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = unet(x, t, context=ctx)
+        assert acceleration.store_for_autocast(unet, torch.bfloat16) == fp32_bytes // 2
+        stored = unet(x, t, context=ctx)
+    assert reference.dtype == stored.dtype
+    assert torch.equal(stored, reference)
+    assert unet.input_blocks[0][0].weight.dtype == unet.out[2].bias.dtype == torch.bfloat16
+    assert unet.out[0].weight.dtype == torch.float32  # GroupNorm: autocast uses it in fp32
+    assert acceleration.store_for_autocast(unet, torch.bfloat16) == 0  # already stored
 
 
 def test_compile_pays_only_for_big_runs():

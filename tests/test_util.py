@@ -264,3 +264,26 @@ def test_return_freed_memory_gives_the_heaps_free_pages_back():
     assert before - rss_kib() > 100_000  # more than 100 MB handed back
     del keep
 
+
+
+def _rss_file_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile"))
+
+
+def test_release_file_pages_gives_back_a_mapped_checkpoints_pages_and_nothing_else(tmp_path):
+    from ldm.util import release_file_pages
+
+    weights = {"big": torch.randn(8 << 20), "neighbour": torch.arange(1000.0)}  # 32 MiB, then 4 kB
+    torch.save(weights, tmp_path / "w.ckpt")
+    mapped = torch.load(tmp_path / "w.ckpt", mmap=True, weights_only=True)
+    assert torch.equal(mapped["big"], weights["big"])  # read: its pages are resident
+    before = _rss_file_kib()
+    released = release_file_pages(iter([mapped["big"]]))
+    assert released > 31 << 20
+    assert before - _rss_file_kib() > 24 << 10  # KiB: most of the 32 MiB left this process's memory
+    assert torch.equal(mapped["neighbour"], weights["neighbour"])
+    assert torch.equal(mapped["big"], weights["big"])  # were it read again, the file's bytes come back
+    anonymous = weights["big"].clone()
+    assert release_file_pages([anonymous]) == 0
+    assert torch.equal(anonymous, weights["big"])

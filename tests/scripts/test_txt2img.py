@@ -256,6 +256,13 @@ def test_bf16_is_bfloat16_autocast(scripts, text_run, tmp_path, capsys, monkeypa
     assert seen and set(seen) == {"bf16"}
     precision = sample(scripts, text_run, tmp_path / "b", "--precision", "bf16")
     assert all(np.array_equal(a, b) for a, b in zip(flag, precision))
+    # the UNet's weights are kept in bf16 (autocast's copies): the same images as with the fp32 weights
+    stored = []
+    monkeypatch.setattr(inf, "store_for_autocast", lambda module, dtype: stored.append(dtype) or 0)
+    fp32_weights = sample(scripts, text_run, tmp_path / "c", "--bf16")
+    capsys.readouterr()
+    assert stored == [torch.bfloat16]
+    assert all(np.array_equal(a, b) for a, b in zip(flag, fp32_weights))
     assert run(scripts, ["-r", text_run.logdir, "--prompt", PROMPT, *SMALL, "--bf16", "--precision", "full"]) == 2
     assert error_line(capsys) == "error: --bf16 and --precision full exclude each other"
 
