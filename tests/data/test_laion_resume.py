@@ -13,6 +13,7 @@ sys.path.insert(0, str(HELPERS))
 from run_helpers import read_records, run_main, tiny_shard_config, write_fixture_shards  # noqa: E402
 
 CHECKPOINT, KILL, STEPS = 10, 13, 60  # the resumed run trains steps 11 ... 60 (CHECKPOINT + 50)
+TIMEOUT = 300  # s; each run takes 15-60 s (a run that hangs fails with its processes' stacks)
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +31,16 @@ def test_killed_and_resumed_run_sees_the_uninterrupted_batches(tmp_path, shards,
     for where in (full_dir, run_dir):
         where.mkdir()
         OmegaConf.save(OmegaConf.create(tiny_shard_config(shards, where / "rec", workers=workers)), where / "c.yaml")
-    full = run_main(full_dir, "-b", "c.yaml", "-t", "--no-test", "--max_steps", str(STEPS), *flags)
+    full = run_main(full_dir, "-b", "c.yaml", "-t", "--no-test", "--max_steps", str(STEPS), *flags, timeout=TIMEOUT)
     assert full.returncode == 0, full.output[-3000:]
     killer = {"lightning": {"callbacks": {"killer": {"target": "run_helpers.KillAt", "params": {"step": KILL}}}}}
     OmegaConf.save(OmegaConf.create(killer), run_dir / "kill.yaml")
-    killed = run_main(run_dir, "-b", "c.yaml", "kill.yaml", "-t", "--no-test", "--max_steps", str(STEPS), *flags)
+    killed = run_main(run_dir, "-b", "c.yaml", "kill.yaml", "-t", "--no-test", "--max_steps", str(STEPS), *flags,
+                      timeout=TIMEOUT)
     assert killed.returncode == -9, killed.output[-3000:]
     (run,) = (run_dir / "logs").iterdir()
     resumed = run_main(run_dir, "-r", str(run.relative_to(run_dir)), "-t", "--no-test", "--max_steps", str(STEPS),
-                       *flags, "lightning.callbacks.killer=null")
+                       *flags, "lightning.callbacks.killer=null", timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.output[-3000:]
     for rank in range(devices):
         expected = read_records(full_dir / "rec" / f"rank{rank}.jsonl")
