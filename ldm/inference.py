@@ -29,7 +29,7 @@ from tqdm import trange
 from ldm.acceleration import compile_pays, compile_unet, store_for_autocast, unet_of, warn_if_emulated_bf16
 from ldm.errors import UserError
 from ldm.training.config import load_config
-from ldm.util import atomic_path, load_model_from_config
+from ldm.util import atomic_path, load_model_from_config, reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[object, torch.device, str]
     """(model, device, checkpoint path) from the model flags."""
     device = pick_device(args.device)
     files, ckpt = resolve_model_files(args.config, args.ckpt, args.resume, args.default_config, args.default_ckpt)
+    reuse_freed_memory()  # a sampling run allocates the same large activations at every step
     _, model = load_model(files, ckpt, device, use_ema=args.ema)
     if getattr(args, "precision", None) == "bf16":
         warn_if_emulated_bf16(device)

@@ -382,6 +382,49 @@ def return_freed_memory() -> None:
         trim(0)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
+# glibc's defaults once its dynamic thresholds have grown (as they do after the first large blocks are freed):
+_GLIBC_MMAP_MAX, _GLIBC_MMAP_THRESHOLD, _GLIBC_TRIM_THRESHOLD = 65536, 32 << 20, 64 << 20
+_REUSING: list[bool] = [False]
+
+
+def reuse_freed_memory() -> bool:
+    """From now on serve large allocations from the C heap and keep its freed top, so large blocks are reused instead
+    of mapped afresh (glibc's mallopt; elsewhere nothing); whether it applied. For a process that runs the same
+    model call many times (a sampling script), not for one that needs its memory back between phases.
+
+    glibc maps each block above 32 MiB (its highest dynamic mmap threshold) separately and unmaps it when freed, so
+    every large activation of a UNet call (an SD v1 feed-forward's 84 MB, the concatenated skips) costs fresh page
+    faults at every call; served from the heap, the previous call's pages are reused: SD v1 txt2img at 512² ran its
+    steps 7-13% faster. The heap then holds the largest call's working set between calls; `mapping_large_blocks`
+    (the decoder uses it) gives it back and restores glibc's usual policy where a different, larger phase follows."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return False
+    _REUSING[0] = True
+    return True
+
+
+@contextlib.contextmanager
+def mapping_large_blocks() -> Iterator[None]:
+    """Under `reuse_freed_memory`: within the block the heap's free pages go back to the system first, then blocks
+    above 32 MiB are mapped and the heap's top trimmed as glibc does by default; elsewhere nothing. An SD decode at 512²
+    peaked 0.3 GiB higher on top of the sampler's retained working set without it."""
+    if not _REUSING[0]:
+        yield
+        return
+    mallopt = _libc_function("mallopt")
+    return_freed_memory()
+    mallopt(M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    mallopt(M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_MAX, 0)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private mappings of files (/proc/self/maps; none where it cannot be read)."""
     spans = []

@@ -287,3 +287,42 @@ def test_release_file_pages_gives_back_a_mapped_checkpoints_pages_and_nothing_el
     anonymous = weights["big"].clone()
     assert release_file_pages([anonymous]) == 0
     assert torch.equal(anonymous, weights["big"])
+
+
+REUSE_PROBE = """
+import torch
+from ldm.util import mapping_large_blocks, reuse_freed_memory
+
+def rss_anon_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon")) // 1024
+
+def freed_but_resident(n=96 << 18):  # MiB of a freed 96 MiB block still resident
+    block = torch.ones(n)
+    del block
+    return rss_anon_mib() - base
+
+base = rss_anon_mib()
+default = freed_but_resident()
+applied = reuse_freed_memory()
+reused = freed_but_resident()
+with mapping_large_blocks():
+    base = rss_anon_mib()
+    mapped = freed_but_resident()
+base = rss_anon_mib()
+again = freed_but_resident()
+print(applied, default, reused, mapped, again)
+"""
+
+
+def test_reuse_freed_memory_keeps_large_blocks_in_the_heap_until_mapping_large_blocks():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, check=True).stdout
+    applied, default, reused, mapped, again = out.split()
+    assert applied == "True"
+    assert int(default) < 8  # glibc maps a 96 MiB block and unmaps it when freed
+    assert int(reused) > 88  # served from the heap: its pages stay for the next one
+    assert int(mapped) < 8  # the heap given back, and large blocks mapped again inside the block
+    assert int(again) > 88  # and reused again after it

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import add_residual, norm_silu
-from ldm.util import return_freed_memory
+from ldm.util import mapping_large_blocks, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +203,16 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h, None)), None)
 
 
-def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Apply one resolution level's residual blocks, each followed by its attention when the level has any."""
+def _run_level(level: nn.Module, h: torch.Tensor, after_block: Callable[[], None] | None = None) -> torch.Tensor:
+    """Apply one resolution level's residual blocks, each followed by its attention when the level has any (and by
+    `after_block`, when given)."""
     has_attn = len(level.attn) > 0
     for i, block in enumerate(level.block):
         h = block(h, None)
         if has_attn:
             h = level.attn[i](h)
+        if after_block is not None:
+            after_block()
     return h
 
 
@@ -359,12 +362,18 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Decode latents `z`; returns the pre-normalisation features instead when give_pre_end."""
         self.last_z_shape = z.shape
+        if torch.is_grad_enabled():
+            return self._decode(z, trim=False)
+        with mapping_large_blocks():  # the sampler's working set, kept in the heap by a sampling script, goes back
+            return self._decode(z, trim=True)
+
+    def _decode(self, z: torch.Tensor, trim: bool) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
-            h = _run_level(self.up[i_level], h)
+            h = _run_level(self.up[i_level], h, return_freed_memory if trim else None)
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
-                if not torch.is_grad_enabled():
+                if trim:
                     # The level's freed activations, small enough for glibc's heap, would stay resident beneath the
                     # next level's 4x larger ones: a 512x512 SD decode peaked ~150 MB higher without this.
                     return_freed_memory()

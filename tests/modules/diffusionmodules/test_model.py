@@ -102,9 +102,9 @@ def test_encoder_decoder_shapes_and_output_options():
     assert torch.allclose(tanh(z), torch.tanh(out), atol=1e-6)
 
 
-def test_decoder_hands_freed_memory_back_after_each_upsampling_without_gradients(monkeypatch):
-    """Each level's freed activations are trimmed from the heap before the next, larger level allocates (one
-    `return_freed_memory` per upsampling), only when decoding without gradients."""
+def test_decoder_hands_freed_memory_back_after_each_block_and_upsampling_without_gradients(monkeypatch):
+    """Each block's and level's freed activations are trimmed from the heap before the next allocates (one
+    `return_freed_memory` per residual block and per upsampling), only when decoding without gradients."""
     import ldm.modules.diffusionmodules.model as model
 
     calls = []
@@ -115,7 +115,7 @@ def test_decoder_hands_freed_memory_back_after_each_upsampling_without_gradients
     assert calls == []
     with torch.no_grad():
         dec(z)
-    assert len(calls) == 2
+    assert len(calls) == sum(len(level.block) for level in dec.up) + 2 == 3 * (TINY["num_res_blocks"] + 1) + 2
 
 
 def test_downsample_pads_bottom_right_only():
