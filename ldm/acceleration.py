@@ -161,7 +161,8 @@ def store_for_autocast(module: nn.Module, dtype: torch.dtype) -> int:
     params = [param for layer in module.modules() if isinstance(layer, AUTOCAST_LAYERS)
               for param in (layer.weight, layer.bias)
               if param is not None and param.is_floating_point() and param.dtype != dtype]
-    freed = sum(p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size()) for p in params)
+    size = torch.empty((), dtype=dtype).element_size()
+    freed = sum(p.numel() * (p.element_size() - size) for p in params)
 
     def cast_one_by_one() -> Iterator[torch.Tensor]:
         for param in params:

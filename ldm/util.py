@@ -383,9 +383,17 @@ def return_freed_memory() -> None:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
-# glibc's defaults once its dynamic thresholds have grown (as they do after the first large blocks are freed):
-_GLIBC_MMAP_MAX, _GLIBC_MMAP_THRESHOLD, _GLIBC_TRIM_THRESHOLD = 65536, 32 << 20, 64 << 20
+# large blocks from the heap, its freed top kept; and glibc's defaults once its dynamic thresholds have grown (as they
+# do after the first large blocks are freed)
+_HEAP_POLICY = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
+_GLIBC_POLICY = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20, M_MMAP_MAX: 65536}
 _REUSING: list[bool] = [False]
+
+
+def _set_malloc_policy(policy: dict[int, int]) -> bool:
+    """glibc's mallopt for each (parameter, value) of `policy`; whether all applied (False where there is none)."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and all([bool(mallopt(param, value)) for param, value in policy.items()])
 
 
 def reuse_freed_memory() -> bool:
@@ -398,31 +406,24 @@ def reuse_freed_memory() -> bool:
     faults at every call; served from the heap, the previous call's pages are reused: SD v1 txt2img at 512² ran its
     steps 7-13% faster. The heap then holds the largest call's working set between calls; `mapping_large_blocks`
     (the decoder uses it) gives it back and restores glibc's usual policy where a different, larger phase follows."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        return False
-    _REUSING[0] = True
-    return True
+    _REUSING[0] = _set_malloc_policy(_HEAP_POLICY)
+    return _REUSING[0]
 
 
 @contextlib.contextmanager
 def mapping_large_blocks() -> Iterator[None]:
     """Under `reuse_freed_memory`: within the block the heap's free pages go back to the system first, then blocks
-    above 32 MiB are mapped and the heap's top trimmed as glibc does by default; elsewhere nothing. An SD decode at 512²
-    peaked 0.3 GiB higher on top of the sampler's retained working set without it."""
+    above 32 MiB are mapped and the heap's top trimmed as glibc does by default; elsewhere nothing. An SD decode at
+    512² peaked 0.3 GiB higher on top of the sampler's retained working set without it."""
     if not _REUSING[0]:
         yield
         return
-    mallopt = _libc_function("mallopt")
     return_freed_memory()
-    mallopt(M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
-    mallopt(M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    _set_malloc_policy(_GLIBC_POLICY)
     try:
         yield
     finally:
-        mallopt(M_MMAP_MAX, 0)
-        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        _set_malloc_policy(_HEAP_POLICY)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

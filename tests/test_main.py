@@ -24,6 +24,9 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 HELPERS = REPO / "tests" / "main"
 MAIN = REPO / "main.py"
+sys.path.insert(0, str(REPO / "tests" / "reliability"))
+import run_helpers  # noqa: E402
+
 IMAGE_NAME = re.compile(r"^[a-z_]+_gs-\d{6}_e-\d{6}_b-\d{6}\.png$")
 LR_RULE = ("Setting learning rate to {lr:.2e} = 1 (accumulate_grad_batches) * {devices} (num_devices) * 1 (num_nodes)"
            " * 2 (batchsize) * 1.00e-04 (base_lr)")
@@ -76,17 +79,18 @@ def write_config(tmp_path, config=None, name="tiny.yaml"):
     return path
 
 
-sys.path.insert(0, str(REPO / "tests" / "reliability"))
-import run_helpers  # noqa: E402
+def _pythonpath():
+    """tests/main (this file's config targets) and the repository on PYTHONPATH, before what it had."""
+    return {"PYTHONPATH": os.pathsep.join([str(HELPERS), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def _env():
-    return run_helpers.main_env(PYTHONPATH=os.pathsep.join([str(HELPERS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return run_helpers.main_env(**_pythonpath())
 
 
 def run_main(tmp_path, *args, timeout=300):
     """`python main.py -l logs <args>` in tmp_path; the CompletedProcess (stdout and stderr in .output)."""
-    return run_helpers.run_main(tmp_path, *args, timeout=timeout, env={"PYTHONPATH": _env()["PYTHONPATH"]})
+    return run_helpers.run_main(tmp_path, *args, timeout=timeout, env=_pythonpath())
 
 
 def start_main(tmp_path, *args):
